@@ -1,0 +1,169 @@
+"""Environment construction shared by every R2D2 variant.
+
+- ``check_env_id`` refuses, with one line, any id that is not a registered gymnasium
+  environment with a Box observation and Discrete actions (the ``module:EnvId`` form imports
+  ``module`` first, as ``gymnasium.make`` does).
+- Atari ids (ale-py) get the paper's preprocessing (R2D2_SPEC.md, Table 2): 84×84 grayscale,
+  frame skip 4 with max-pool, 4-frame stack, full 18-action set, no reward clipping, no
+  loss-of-life termination, episodes capped at 108,000 frames, up to 30 no-op starts; all
+  from gymnasium's ``AtariPreprocessing`` and ``FrameStackObservation``.
+- ``CartPoleNoVelocity-v1``: CartPole-v1 with the two velocity entries removed from the
+  observation (cart position, pole angle remain), a memory task: the velocities must be
+  inferred from consecutive observations, so a memoryless Q-network cannot balance well.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import gymnasium as gym
+import numpy as np
+
+ATARI_MAX_FRAMES = 108_000  # 30 minutes at 60 Hz (R2D2 Table 2)
+NO_VELOCITY_CARTPOLE_ID = "CartPoleNoVelocity-v1"
+
+
+class UnsupportedEnvError(ValueError):
+    """The environment id cannot be used by R2D2; the message is one line naming why."""
+
+
+class CartPoleNoVelocity(gym.ObservationWrapper):
+    """CartPole observation without the velocities: [cart position, pole angle], float32 (2,)."""
+
+    KEPT = np.array([0, 2])
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        box = env.observation_space
+        self.observation_space = gym.spaces.Box(box.low[self.KEPT], box.high[self.KEPT], dtype=np.float32)
+
+    def observation(self, observation):
+        return observation[self.KEPT]
+
+
+def make_cartpole_no_velocity(**kwargs) -> gym.Env:
+    """Entry point of CartPoleNoVelocity-v1 (TimeLimit 500 is added by the registry)."""
+    from gymnasium.envs.classic_control import CartPoleEnv
+
+    return CartPoleNoVelocity(CartPoleEnv(**kwargs))
+
+
+if NO_VELOCITY_CARTPOLE_ID not in gym.registry:
+    gym.register(
+        id=NO_VELOCITY_CARTPOLE_ID,
+        entry_point="r2d2_algo.envs:make_cartpole_no_velocity",
+        max_episode_steps=500,
+        reward_threshold=475.0,
+    )
+
+
+def _spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UnsupportedEnvError(f"cannot import module {module!r} named in env id {env_id!r}: {e}") from None
+    if name.startswith("ALE/") or "NoFrameskip" in name:
+        try:
+            import ale_py
+
+            gym.register_envs(ale_py)
+        except ImportError:
+            raise UnsupportedEnvError(f"{env_id!r} needs ale-py: pip install ale-py") from None
+    try:
+        return gym.spec(name)
+    except gym.error.Error as e:
+        raise UnsupportedEnvError(f"unknown environment id {env_id!r}: {str(e).splitlines()[0]}") from None
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether the id names an ale-py Atari game."""
+    entry = _spec(env_id).entry_point
+    return isinstance(entry, str) and entry.startswith("ale_py")
+
+
+def make_env(env_id: str, seed: int | None = None, **atari_kwargs) -> gym.Env:
+    """One environment, with Atari preprocessing for ale-py games (see module docstring).
+
+    Raises:
+        UnsupportedEnvError: unknown id or module.
+    """
+    _spec(env_id)
+    name = env_id.rpartition(":")[2]
+    if is_atari(env_id):
+        return make_atari(name, **atari_kwargs)
+    env = gym.make(name)
+    if seed is not None:
+        env.action_space.seed(seed)
+    return env
+
+
+def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAMES) -> gym.Env:
+    """Atari as in R2D2 Table 2: full action set, 84×84 gray, skip 4 + max-pool, stack 4.
+
+    Returns observations (4, 84, 84) uint8; rewards unclipped; lives ignored; episodes
+    truncated after ``max_frames`` emulator frames.
+    """
+    env = gym.make(
+        env_id,
+        frameskip=1,  # AtariPreprocessing does the skipping and max-pooling
+        full_action_space=True,
+        max_episode_steps=max_frames,  # counted in raw frames because frameskip=1
+    )
+    env = gym.wrappers.AtariPreprocessing(
+        env, noop_max=noop_max, frame_skip=4, screen_size=84, terminal_on_life_loss=False,
+        grayscale_obs=True, scale_obs=False,
+    )
+    return gym.wrappers.FrameStackObservation(env, stack_size=4)
+
+
+def check_env_id(env_id: str) -> tuple[gym.spaces.Box, int]:
+    """Validate that R2D2 can run ``env_id``; return its observation space and action count.
+
+    Raises:
+        UnsupportedEnvError: unknown id, or observation not a 1-D/3-D Box, or actions not
+            Discrete; the message names what is unsupported.
+    """
+    env = make_env(env_id)
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+    finally:
+        env.close()
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise UnsupportedEnvError(
+            f"{env_id!r} has a {type(act_space).__name__} action space; R2D2 needs Discrete actions"
+        )
+    if not isinstance(obs_space, gym.spaces.Box):
+        raise UnsupportedEnvError(
+            f"{env_id!r} has a {type(obs_space).__name__} observation space; R2D2 needs a Box (vector or image)"
+        )
+    if len(obs_space.shape) not in (1, 3):
+        raise UnsupportedEnvError(
+            f"{env_id!r} has observations of shape {obs_space.shape}; R2D2 needs a 1-D vector or a 3-D image"
+        )
+    return obs_space, int(act_space.n)
+
+
+def make_vector_env(env_id: str, num_envs: int, seed: int, vectorization_mode: str = "sync") -> gym.vector.VectorEnv:
+    """``num_envs`` copies with NEXT_STEP autoreset and episode statistics.
+
+    NEXT_STEP autoreset is what storage.py expects: a final observation is returned with its
+    done flag, and the next step returns the reset observation with reward 0.
+    """
+    envs = gym.vector.SyncVectorEnv if vectorization_mode == "sync" else gym.vector.AsyncVectorEnv
+    vec = envs([lambda i=i: make_env(env_id, seed + i) for i in range(num_envs)],
+               autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    vec = gym.wrappers.vector.RecordEpisodeStatistics(vec)
+    vec.action_space.seed(seed)
+    return vec
+
+
+def epsilon_ladder(num_actors: int, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+    """Ape-X per-actor exploration ε_i = base^(1 + alpha·i/(N−1)), i = 0..N−1 (Horgan et al. 2018,
+    Sec. 4.1; R2D2_SPEC.md piece 5). A single actor gets ``base``. Returns (N,) float64."""
+    if num_actors < 1:
+        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+    if num_actors == 1:
+        return np.array([base])
+    return base ** (1.0 + alpha * np.arange(num_actors) / (num_actors - 1))

@@ -1,0 +1,406 @@
+"""Single-process R2D2 (Kapturowski et al., ICLR 2019), in one readable file.
+
+    python r2d2_algo/r2d2.py --env-id CartPole-v1
+
+Vector environments act with ε-greedy per-env exploration (each env one rung of the Ape-X ε
+ladder) and write sequences to a prioritized sequence replay; the learner burns in the online
+and target networks from the stored recurrent state, trains on n-step double-Q targets with
+value rescaling, and updates the sampled sequences' priorities. Defaults suit CartPole on a
+CPU; the paper's Atari values are given in each field's docstring and are the defaults of
+r2d2_mp.py. The algorithm follows R2D2_SPEC.md.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from r2d2_algo.envs import UnsupportedEnvError, check_env_id, epsilon_ladder, make_vector_env
+from r2d2_algo.evaluate import evaluate
+from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (envs, networks, replay sampling, exploration)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and CUDA is available, the network runs on the GPU"""
+    save_model: bool = False
+    """whether to save the model to `saved_models/{run_name}/model.pt` at the end"""
+
+    # Environment
+    env_id: str = "CartPole-v1"
+    """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
+    total_timesteps: int = 100_000
+    """total environment steps (summed over all envs)"""
+    num_envs: int = 8
+    """parallel environments; env i explores with ε_i of the Ape-X ladder"""
+    epsilon_base: float = 0.4
+    """ε ladder base: ε_i = base^(1 + alpha·i/(N−1)) (Ape-X, Sec. 4.1)"""
+    epsilon_alpha: float = 7.0
+    """ε ladder exponent range (Ape-X, Sec. 4.1)"""
+
+    # Network
+    rnn_type: Literal["lstm", "gru", "none"] = "lstm"
+    """recurrent core: lstm (paper), gru, or none (feed-forward ablation: n-step double DQN)"""
+    hidden_size: int = 64
+    """width of the recurrent core (paper: 512)"""
+    torso_size: int = 64
+    """width of the torso output (paper: 512)"""
+    head_hidden_size: int = 64
+    """hidden width of each dueling stream (paper: 512)"""
+
+    # Replay
+    buffer_size: int = 100_000
+    """replay capacity in observations, over all envs (paper: 4,000,000)"""
+    burn_in_length: int = 8
+    """burn-in steps l unrolled from the stored state without gradient (paper: 40)"""
+    sequence_length: int = 16
+    """trained steps m per sequence (paper: 80)"""
+    overlap: int = 8
+    """steps shared by consecutive sequences; a new one starts every m − overlap steps (paper: 40)"""
+    priority_exponent: float = 0.9
+    """α: sampling probability ∝ priority^α (paper: 0.9)"""
+    importance_sampling_exponent: float = 0.6
+    """β: importance weights (N·P(i))^−β (paper: 0.6)"""
+    priority_eta: float = 0.9
+    """η: sequence priority = η·max|δ| + (1−η)·mean|δ| (paper: 0.9)"""
+
+    # Learner
+    learning_rate: float = 1e-3
+    """Adam learning rate (paper: 1e-4)"""
+    adam_eps: float = 1e-3
+    """Adam epsilon (paper: 1e-3)"""
+    batch_size: int = 32
+    """sequences per minibatch (paper: 64)"""
+    gamma: float = 0.99
+    """discount γ (paper: 0.997)"""
+    n_step: int = 3
+    """n of the n-step double-Q target (paper: 5)"""
+    value_rescaling_epsilon: float = 1e-3
+    """ε of the value rescaling h(x) = sign(x)(√(|x|+1) − 1) + εx (paper: 1e-3)"""
+    target_network_update_period: int = 200
+    """learner updates between hard target-network copies (paper: 2500)"""
+    max_grad_norm: float = 40.0
+    """gradient norm clip (Ape-X: 40)"""
+    learning_starts: int = 2_000
+    """environment steps before learning starts"""
+    replay_ratio: float = 4.0
+    """trained observations sampled per observation added (B·m per update ÷ env steps)"""
+
+    # Evaluation and logging
+    eval_interval: int = 10_000
+    """environment steps between greedy evaluations (0: only at the end)"""
+    eval_episodes: int = 10
+    """episodes per greedy evaluation"""
+    log_interval: int = 1_000
+    """environment steps between scalar logs"""
+    progress_bar: bool = True
+    """show a tqdm progress bar with SPS and recent return"""
+
+
+def check_args(args: Args) -> None:
+    """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
+    positive = ["total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
+                "sequence_length", "batch_size", "n_step", "target_network_update_period", "eval_episodes",
+                "log_interval"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ["burn_in_length", "learning_starts", "eval_interval"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.replay_ratio <= 0:
+        raise ValueError("--learning-rate and --replay-ratio must be > 0")
+    if args.value_rescaling_epsilon < 0:
+        raise ValueError(f"--value-rescaling-epsilon must be >= 0, got {args.value_rescaling_epsilon}")
+    if not 0.0 <= args.priority_eta <= 1.0:
+        raise ValueError(f"--priority-eta must be in [0, 1], got {args.priority_eta}")
+
+
+# ALGO LOGIC: value rescaling and n-step double-Q targets (R2D2 Sec. 2.3; Pohlen et al. 2018)
+def value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """h(x) = sign(x)(√(|x|+1) − 1) + εx, elementwise."""
+    return torch.sign(x) * (torch.sqrt(x.abs() + 1.0) - 1.0) + eps * x
+
+
+def inverse_value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """h⁻¹(x) = sign(x)·(((√(1 + 4ε(|x| + 1 + ε)) − 1) / 2ε)² − 1), the exact inverse of h."""
+    if eps == 0.0:
+        return torch.sign(x) * ((x.abs() + 1.0) ** 2 - 1.0)
+    return torch.sign(x) * (((torch.sqrt(1.0 + 4.0 * eps * (x.abs() + 1.0 + eps)) - 1.0) / (2.0 * eps)) ** 2 - 1.0)
+
+
+def n_step_targets(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    bootstrap_q: torch.Tensor,
+    gamma: float,
+    n_step: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """R2D2 targets y_t = h(Σ_{k<n} γ^k r_{t+k} + γ^n h⁻¹(q̂_{t+n})) for t = 0..L−n−1.
+
+    An episode end inside the n steps stops the sum there: at a terminated observation
+    nothing is bootstrapped, at a truncated one the value is bootstrapped from that final
+    observation (time limits are not terminal). A step whose own observation is final has no
+    target (its action was never executed) and is masked out.
+
+    Args:
+        reward: (L, B) reward after each step's action.
+        terminated, truncated: (L, B) bool flags of each step's observation.
+        bootstrap_q: (L, B) rescaled Q_target(s_j, argmax_a Q_online(s_j, a)) at each step j.
+        gamma, n_step, eps: discount γ, n, value-rescaling ε.
+    Returns:
+        targets: (L − n, B) float, rescaled targets y_t.
+        mask: (L − n, B) float, 1 where step t has a target.
+    """
+    T = reward.shape[0] - n_step
+    last = terminated | truncated
+    running = ~last[:T]  # (T, B) the step has a target and its episode is still going
+    mask = running.float()
+    discounted = torch.zeros_like(reward[:T])
+    bootstrap = torch.zeros_like(reward[:T])
+    value = inverse_value_rescale(bootstrap_q, eps)  # (L, B) unrescaled values
+    for k in range(n_step):
+        discounted += running * (gamma**k) * reward[k : k + T]
+        ends = running & last[k + 1 : k + 1 + T]
+        bootstrap += (ends & truncated[k + 1 : k + 1 + T]) * (gamma ** (k + 1)) * value[k + 1 : k + 1 + T]
+        running = running & ~last[k + 1 : k + 1 + T]
+    bootstrap += running * (gamma**n_step) * value[n_step : n_step + T]
+    return value_rescale(discounted + bootstrap, eps), mask
+
+
+def r2d2_loss(
+    q_network: RNNQNetwork,
+    target_network: RNNQNetwork,
+    batch: dict[str, torch.Tensor],
+    burn_in_length: int,
+    sequence_length: int,
+    gamma: float,
+    n_step: int,
+    eps: float,
+    priority_eta: float,
+) -> tuple[torch.Tensor, np.ndarray, dict[str, float]]:
+    """Burn-in from the stored state, n-step double-Q loss and new sequence priorities.
+
+    The online network is burned in without gradient on the first l steps, then unrolled with
+    gradient on the remaining m + n; the target network unrolls the whole window from the
+    same stored state (R2D2 Sec. 3, "burn-in"). Loss per sequence = mean over its valid
+    trained steps of ½δ², weighted by the importance weights, averaged over the batch.
+
+    Args:
+        batch: tensors of a SequenceBatch (time-major, see storage.py).
+    Returns:
+        loss: scalar tensor with gradient.
+        priorities: (B,) new sequence priorities η·max|δ| + (1−η)·mean|δ|.
+        stats: floats for logging (td_loss, q_values).
+    """
+    l, m = burn_in_length, sequence_length
+    obs, prev_action, prev_reward, first = batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"]
+    state = batch["initial_state"]
+    with torch.no_grad():
+        if l > 0:
+            _, state = q_network(obs[:l], prev_action[:l], prev_reward[:l], first[:l], state)
+        q_target, _ = target_network(obs, prev_action, prev_reward, first, batch["initial_state"])  # (W, B, A)
+    q_online, _ = q_network(obs[l:], prev_action[l:], prev_reward[l:], first[l:], state)  # (m + n, B, A)
+    with torch.no_grad():
+        best_action = q_online.argmax(dim=-1, keepdim=True)  # double Q: online picks, target evaluates
+        bootstrap_q = q_target[l:].gather(-1, best_action).squeeze(-1)  # (m + n, B)
+        targets, mask = n_step_targets(batch["reward"][l:], batch["terminated"][l:], batch["truncated"][l:],
+                                       bootstrap_q, gamma, n_step, eps)  # (m, B)
+    q_taken = q_online[:m].gather(-1, batch["action"][l : l + m].unsqueeze(-1)).squeeze(-1)  # (m, B)
+    td = targets - q_taken
+    per_sequence = (0.5 * td.pow(2) * mask).sum(0) / mask.sum(0).clamp(min=1.0)  # (B,)
+    loss = (batch["weights"] * per_sequence).mean()
+    abs_td = td.detach().abs().cpu().numpy()
+    priorities = sequence_priorities(abs_td, mask.cpu().numpy(), priority_eta)
+    valid = mask.sum().clamp(min=1.0)
+    stats = {"td_loss": float((0.5 * td.detach().pow(2) * mask).sum() / valid),
+             "q_values": float((q_taken.detach() * mask).sum() / valid)}
+    return loss, priorities, stats
+
+
+def batch_to_torch(batch: SequenceBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    """numpy SequenceBatch -> dict of tensors on ``device``."""
+    names = ["obs", "action", "reward", "first", "terminated", "truncated", "prev_action", "prev_reward",
+             "initial_state", "weights"]
+    return {name: torch.as_tensor(getattr(batch, name)).to(device, non_blocking=True) for name in names}
+
+
+def main(args: Args) -> None:
+    check_args(args)
+    observation_space, n_actions = check_env_id(args.env_id)
+    run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    q_network = RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
+                            args.head_hidden_size).to(device)
+    target_network = RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
+                                 args.head_hidden_size).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    rb = SequenceReplayBuffer(
+        num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
+        obs_dtype=observation_space.dtype, state_size=q_network.state_size, burn_in_length=args.burn_in_length,
+        sequence_length=args.sequence_length, n_step=args.n_step, overlap=args.overlap,
+        priority_exponent=args.priority_exponent, importance_sampling_exponent=args.importance_sampling_exponent,
+    )
+    envs = make_vector_env(args.env_id, args.num_envs, args.seed)
+    epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,)
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device}, replay "
+          f"{rb.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
+
+    # ALGO LOGIC: acting state of every env
+    obs, _ = envs.reset(seed=args.seed)
+    state = q_network.initial_state(args.num_envs, device)  # (E, state_size) entering `obs`
+    prev_action = np.full(args.num_envs, -1, dtype=np.int64)
+    prev_reward = np.zeros(args.num_envs, dtype=np.float32)
+    first = np.ones(args.num_envs, dtype=bool)
+    obs_terminated = np.zeros(args.num_envs, dtype=bool)  # `obs` is a final observation
+    obs_truncated = np.zeros(args.num_envs, dtype=bool)
+
+    global_step, updates, eval_return = 0, 0, float("nan")
+    recent_returns: deque[float] = deque(maxlen=20)
+    start_time = time.time()
+    last_log = {"time": start_time, "step": 0, "updates": 0, "added": 0}
+    updates_per_step = args.replay_ratio / (args.batch_size * args.sequence_length)
+    next_eval = args.eval_interval if args.eval_interval > 0 else args.total_timesteps
+    bar = tqdm(total=args.total_timesteps, disable=not args.progress_bar, unit="step", dynamic_ncols=True)
+    try:
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: act ε-greedily with the recurrent state, one rung of the ladder per env
+            with torch.no_grad():
+                q, next_state = q_network(
+                    torch.as_tensor(obs, device=device).unsqueeze(0),
+                    torch.as_tensor(prev_action, device=device).unsqueeze(0),
+                    torch.as_tensor(prev_reward, device=device).unsqueeze(0),
+                    torch.as_tensor(first, device=device).unsqueeze(0),
+                    state,
+                )
+            greedy = q[0].argmax(dim=-1).cpu().numpy()
+            explore = rng.random(args.num_envs) < epsilons
+            action = np.where(explore, rng.integers(0, n_actions, args.num_envs), greedy)
+            next_obs, reward, terminated, truncated, infos = envs.step(action)
+            rb.add(obs, action, reward, first, obs_terminated, obs_truncated, state.cpu().numpy())
+
+            # the step after a final observation returns the reset observation (NEXT_STEP autoreset)
+            first = obs_terminated | obs_truncated
+            prev_action = np.where(first, -1, action)
+            prev_reward = np.where(first, 0.0, reward).astype(np.float32)
+            obs, obs_terminated, obs_truncated, state = next_obs, terminated, truncated, next_state
+            global_step += args.num_envs
+            bar.update(args.num_envs)
+
+            if "episode" in infos:
+                for i in np.flatnonzero(infos["_episode"]):
+                    recent_returns.append(float(infos["episode"]["r"][i]))
+                    writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
+                    writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+
+            # ALGO LOGIC: training, throttled to the replay ratio
+            if global_step >= args.learning_starts and rb.num_valid_sequences > 0:
+                updates_due = int((global_step - args.learning_starts) * updates_per_step) + 1
+                while updates < updates_due:
+                    batch = rb.sample(args.batch_size, rng)
+                    loss, priorities, stats = r2d2_loss(
+                        q_network, target_network, batch_to_torch(batch, device), args.burn_in_length,
+                        args.sequence_length, args.gamma, args.n_step, args.value_rescaling_epsilon, args.priority_eta,
+                    )
+                    optimizer.zero_grad()
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    rb.update_priorities(batch.indices, batch.sequence_ids, priorities)
+                    updates += 1
+                    if updates % args.target_network_update_period == 0:
+                        target_network.load_state_dict(q_network.state_dict())
+
+                if global_step - last_log["step"] >= args.log_interval:
+                    now = time.time()
+                    dt = now - last_log["time"]
+                    new_updates = updates - last_log["updates"]
+                    new_sequences = rb.num_sequences_added - last_log["added"]
+                    writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
+                    writer.add_scalar("losses/q_values", stats["q_values"], global_step)
+                    writer.add_scalar("losses/grad_norm", float(grad_norm), global_step)
+                    writer.add_scalar("charts/updates_per_second", new_updates / dt, global_step)
+                    writer.add_scalar("charts/learner_updates", updates, global_step)
+                    writer.add_scalar("replay/size", rb.size, global_step)
+                    writer.add_scalar("replay/sequences_added_per_second", new_sequences / dt, global_step)
+                    writer.add_scalar("replay/sequences_sampled_per_second", new_updates * args.batch_size / dt,
+                                      global_step)
+                    writer.add_scalar("replay/replay_ratio",
+                                      updates * args.batch_size * args.sequence_length / max(global_step, 1), global_step)
+                    writer.add_scalar("replay/mean_priority", float(np.mean(priorities)), global_step)
+                    writer.add_scalar("replay/max_priority", rb.max_priority, global_step)
+                    writer.add_scalar("charts/parameter_lag", 0, global_step)  # actors act with the learner's net
+                    last_log.update(updates=updates, added=rb.num_sequences_added)
+
+            if global_step - last_log["step"] >= args.log_interval:
+                now = time.time()
+                sps = (global_step - last_log["step"]) / (now - last_log["time"])
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/epsilon", float(epsilons.mean()), global_step)
+                last_log.update(time=now, step=global_step)
+                mean_return = np.mean(recent_returns) if recent_returns else float("nan")
+                bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", eval=f"{eval_return:.1f}", upd=updates)
+
+            if global_step >= next_eval or global_step >= args.total_timesteps:
+                returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + 10_000, device)
+                eval_return = float(returns.mean())
+                writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
+                writer.add_scalar("eval/wall_clock_seconds", time.time() - start_time, global_step)
+                tqdm.write(f"step {global_step}: eval return {eval_return:.1f} ± {returns.std():.1f} "
+                           f"({time.time() - start_time:.0f}s, {updates} updates)")
+                next_eval += args.eval_interval if args.eval_interval > 0 else args.total_timesteps
+
+        if args.save_model:
+            model_path = f"saved_models/{run_name}/model.pt"
+            os.makedirs(os.path.dirname(model_path), exist_ok=True)
+            torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
+            print(f"model saved to {model_path}")
+    finally:
+        bar.close()
+        envs.close()
+        writer.close()
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    try:
+        main(cli_args)
+    except (UnsupportedEnvError, ValueError) as e:
+        sys.exit(f"r2d2.py: error: {e}")

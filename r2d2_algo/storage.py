@@ -1,0 +1,381 @@
+"""Sequence replay for R2D2: circular per-stream storage, prioritized sequence sampling.
+
+Layout (R2D2_SPEC.md pieces 1, 4 and 6; Kapturowski et al. 2019, Sec. 2.3 and 3):
+
+- Each environment stream e owns a ring of ``capacity_per_stream`` steps. Step i of the
+  stream is stored once at ring position i % capacity_per_stream: the observation, the action
+  taken from it, the reward that followed, and flags saying whether it is the first
+  observation of an episode and whether it is a final one (terminated or truncated).
+- Sequence k of a stream is the window of steps [k·P, k·P + W) with period P
+  (= sequence length − overlap) and window length W = burn-in + sequence length + n-step.
+  The window's burn-in is its first ``burn_in_length`` steps, the trained part the next
+  ``sequence_length``, the last ``n_step`` steps only feed n-step targets. Consecutive
+  windows overlap; they are index windows into the same ring, never copies.
+- At step k·P the buffer also keeps the actor's recurrent state entering that step (the
+  stored state) and the previous action and reward, so the window can be replayed exactly
+  as it was acted.
+- A sequence is sampleable from the moment its last step is written until the moment its
+  first step is overwritten; at all other times its priority is 0, so a window that wrapped
+  round or was partly overwritten is never returned.
+- Windows may cross episode ends: ``first`` marks where the recurrent state must be reset,
+  ``terminated``/``truncated`` where targets stop (the loss in r2d2.py never bootstraps
+  across an end). A truncated final observation is kept so that targets can bootstrap
+  from it; a terminated one has value 0.
+
+Gymnasium's NEXT_STEP autoreset produces exactly this stream: the step after a final
+observation returns the reset observation with reward 0, and the action taken from the final
+observation is ignored (its step is masked out of the loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def sequence_priorities(abs_td: np.ndarray, mask: np.ndarray, eta: float) -> np.ndarray:
+    """R2D2 sequence priority p = η·max_t|δ_t| + (1 − η)·mean_t|δ_t| (Sec. 2.3).
+
+    Args:
+        abs_td: (T, B) float, absolute TD errors |δ| over the trained steps.
+        mask: (T, B) bool or float, 1 where the step has a target (not a final observation).
+        eta: priority mix η in [0, 1] (paper: 0.9).
+    Returns:
+        (B,) float64 priorities; 0 for a sequence with no valid step.
+    """
+    abs_td = np.asarray(abs_td, dtype=np.float64)
+    mask = np.asarray(mask, dtype=np.float64)
+    count = mask.sum(axis=0)
+    max_td = (abs_td * mask).max(axis=0)
+    mean_td = (abs_td * mask).sum(axis=0) / np.maximum(count, 1.0)
+    return eta * max_td + (1.0 - eta) * mean_td
+
+
+class SumTree:
+    """Binary sum tree over ``capacity`` leaves with batched numpy updates and queries.
+
+    Prioritized replay's proportional sampling (Schaul et al. 2016, Sec. 3.3, App. B.2.1).
+    Every operation handles a whole batch with one numpy op per tree level.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"SumTree capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.num_leaves = 1 << max(0, (capacity - 1).bit_length())
+        self.depth = self.num_leaves.bit_length() - 1
+        self.nodes = np.zeros(2 * self.num_leaves, dtype=np.float64)  # nodes[1] is the root
+
+    @property
+    def total(self) -> float:
+        """Sum of all leaves."""
+        return float(self.nodes[1])
+
+    def get(self, leaves: np.ndarray) -> np.ndarray:
+        """Values of the given leaves, (K,) float64."""
+        return self.nodes[np.asarray(leaves) + self.num_leaves]
+
+    def set(self, leaves: np.ndarray, values: np.ndarray) -> None:
+        """Set leaves (K,) int to values (K,) float >= 0; with duplicates the last one wins."""
+        idx = np.asarray(leaves, dtype=np.int64) + self.num_leaves
+        self.nodes[idx] = values
+        for _ in range(self.depth):
+            idx = np.unique(idx >> 1)
+            self.nodes[idx] = self.nodes[2 * idx] + self.nodes[2 * idx + 1]
+
+    def find(self, values: np.ndarray) -> np.ndarray:
+        """Leaf i such that prefix_sum(i) <= value < prefix_sum(i+1), for each value (K,).
+
+        Values are in [0, total); a descent never enters a zero-sum subtree, so every
+        returned leaf has a positive value even under floating-point round-off.
+        """
+        values = np.array(values, dtype=np.float64)
+        idx = np.ones(len(values), dtype=np.int64)
+        for _ in range(self.depth):
+            left = 2 * idx
+            left_sum = self.nodes[left]
+            go_right = ((values >= left_sum) & (self.nodes[left + 1] > 0)) | (left_sum <= 0)
+            values = np.where(go_right, values - left_sum, values)
+            idx = left + go_right
+        return idx - self.num_leaves
+
+
+@dataclass
+class SequenceBatch:
+    """A prioritized batch of B windows of W = burn-in + sequence length + n-step steps.
+
+    All arrays are time-major numpy arrays:
+        obs: (W, B, *obs_shape), the stored dtype.
+        action: (W, B) int64, action taken at each step (meaningless at a final observation).
+        reward: (W, B) float32, reward that followed each step's action.
+        first: (W, B) bool, step begins an episode (reset mask of the recurrent core).
+        terminated: (W, B) bool, step's observation is terminal (value 0).
+        truncated: (W, B) bool, step's observation ended its episode by a time limit.
+        prev_action: (W, B) int64, action before each step; -1 at an episode start.
+        prev_reward: (W, B) float32, reward before each step; 0 at an episode start.
+        initial_state: (B, state_size) float32, the stored recurrent state entering step 0.
+        weights: (B,) float32, importance weights (N·P(i))^−β / max over the batch.
+        indices: (B,) int64, leaf indices for ``update_priorities``.
+        sequence_ids: (B,) int64, which sequence of its stream each window is (k).
+        probabilities: (B,) float64, sampling probabilities P(i).
+    """
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    first: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    prev_action: np.ndarray
+    prev_reward: np.ndarray
+    initial_state: np.ndarray
+    weights: np.ndarray
+    indices: np.ndarray
+    sequence_ids: np.ndarray
+    probabilities: np.ndarray
+
+
+def numpy_zeros(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Default array allocator; a multi-process variant can pass a shared-memory one."""
+    return np.zeros(shape, dtype=dtype)
+
+
+class SequenceReplayBuffer:
+    """Circular sequence replay with prioritized sampling (R2D2, Sec. 2.3; PER, Sec. 3.3).
+
+    Args:
+        num_streams: number of environment streams written side by side (one per env).
+        capacity: total replay capacity in observations, split evenly over the streams;
+            each stream's share is rounded down to a multiple of the sequence period.
+        obs_shape: shape of one observation.
+        obs_dtype: numpy dtype of observations (uint8 for images).
+        state_size: width of the flat recurrent state stored at each sequence start.
+        burn_in_length: burn-in steps l (paper: 40).
+        sequence_length: trained steps m (paper: 80).
+        n_step: n of the n-step target (paper: 5).
+        overlap: steps shared by consecutive trained parts (paper: 40); a new sequence starts
+            every sequence_length − overlap steps.
+        priority_exponent: α (paper: 0.9).
+        importance_sampling_exponent: β (paper: 0.6).
+        allocate: ``allocate(name, shape, dtype) -> ndarray`` used for every large array.
+    Raises:
+        ValueError: a negative or zero length, an overlap outside [0, sequence_length), a
+            per-stream capacity smaller than one window, exponents out of range.
+    """
+
+    PRIORITY_EPSILON = 1e-6  # keeps every stored sequence sampleable (PER, Sec. 3.3)
+
+    def __init__(
+        self,
+        num_streams: int,
+        capacity: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype,
+        state_size: int,
+        burn_in_length: int,
+        sequence_length: int,
+        n_step: int,
+        overlap: int,
+        priority_exponent: float = 0.9,
+        importance_sampling_exponent: float = 0.6,
+        allocate: Callable[[str, tuple[int, ...], object], np.ndarray] = numpy_zeros,
+    ):
+        if num_streams < 1:
+            raise ValueError(f"num_streams must be >= 1, got {num_streams}")
+        if burn_in_length < 0:
+            raise ValueError(f"burn_in_length must be >= 0, got {burn_in_length}")
+        if sequence_length < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+        if n_step < 1:
+            raise ValueError(f"n_step must be >= 1, got {n_step}")
+        if not 0 <= overlap < sequence_length:
+            raise ValueError(f"overlap must be in [0, sequence_length={sequence_length}), got {overlap}")
+        if not 0.0 <= priority_exponent <= 1.0:
+            raise ValueError(f"priority_exponent must be in [0, 1], got {priority_exponent}")
+        if not 0.0 <= importance_sampling_exponent <= 1.0:
+            raise ValueError(f"importance_sampling_exponent must be in [0, 1], got {importance_sampling_exponent}")
+        if state_size < 0:
+            raise ValueError(f"state_size must be >= 0, got {state_size}")
+        self.num_streams = num_streams
+        self.burn_in_length = burn_in_length
+        self.sequence_length = sequence_length
+        self.n_step = n_step
+        self.period = sequence_length - overlap
+        self.window_length = burn_in_length + sequence_length + n_step
+        per_stream = capacity // num_streams
+        self.capacity_per_stream = per_stream - per_stream % self.period
+        if self.capacity_per_stream < self.window_length:
+            raise ValueError(
+                f"capacity {capacity} over {num_streams} streams leaves {self.capacity_per_stream} steps per stream, "
+                f"smaller than one window of burn-in + sequence length + n-step = {self.window_length}"
+            )
+        self.priority_exponent = priority_exponent
+        self.importance_sampling_exponent = importance_sampling_exponent
+        self.obs_shape = tuple(obs_shape)
+        self.state_size = state_size
+
+        E, C = num_streams, self.capacity_per_stream
+        self.slots_per_stream = C // self.period
+        S = self.slots_per_stream
+        self.obs = allocate("obs", (E, C, *self.obs_shape), obs_dtype)
+        self.action = allocate("action", (E, C), np.int64)
+        self.reward = allocate("reward", (E, C), np.float32)
+        self.first = allocate("first", (E, C), np.bool_)
+        self.terminated = allocate("terminated", (E, C), np.bool_)
+        self.truncated = allocate("truncated", (E, C), np.bool_)
+        self.stored_state = allocate("stored_state", (E, S, state_size), np.float32)
+        self.start_prev_action = allocate("start_prev_action", (E, S), np.int64)
+        self.start_prev_reward = allocate("start_prev_reward", (E, S), np.float32)
+        # which sequence k a slot holds once complete; -1 while incomplete or overwritten
+        self.sequence_id = allocate("sequence_id", (E, S), np.int64)
+        self.sequence_id[:] = -1
+        self.write_count = allocate("write_count", (E,), np.int64)  # steps written per stream
+        self.tree = SumTree(E * S)
+        self.max_priority = 1.0
+        self.num_sequences_added = 0
+
+    # ------------------------------------------------------------------ writing
+    @property
+    def num_valid_sequences(self) -> int:
+        """Sequences that can be sampled now."""
+        return int((self.sequence_id >= 0).sum())
+
+    @property
+    def size(self) -> int:
+        """Observations held now, over all streams."""
+        return int(np.minimum(self.write_count, self.capacity_per_stream).sum())
+
+    def add(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        first: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        state: np.ndarray,
+        streams: np.ndarray | None = None,
+    ) -> None:
+        """Append one step to each of the given streams (default: all, in order).
+
+        Args:
+            obs: (K, *obs_shape) observation of the step.
+            action: (K,) int, action taken from obs (ignored by the env at a final obs).
+            reward: (K,) float, reward that followed.
+            first: (K,) bool, obs is the first of an episode.
+            terminated: (K,) bool, obs is terminal.
+            truncated: (K,) bool, obs is the last of an episode cut by a time limit.
+            state: (K, state_size) float, the actor's recurrent state entering this step.
+            streams: (K,) int stream indices; all streams if None.
+        """
+        streams = np.arange(self.num_streams) if streams is None else np.asarray(streams, dtype=np.int64)
+        first = np.asarray(first, dtype=bool)
+        step = self.write_count[streams]  # (K,)
+        C, P, S = self.capacity_per_stream, self.period, self.slots_per_stream
+        pos = step % C
+
+        starts = step % P == 0  # a new sequence starts here; it takes the slot of the one overwritten
+        if starts.any():
+            s_streams, s_step, s_first = streams[starts], step[starts], first[starts]
+            slot = (s_step // P) % S
+            self.sequence_id[s_streams, slot] = -1
+            self.tree.set(s_streams * S + slot, np.zeros(len(slot)))
+            self.stored_state[s_streams, slot] = np.asarray(state)[starts]
+            has_prev = (s_step > 0) & ~s_first
+            prev_pos = (s_step - 1) % C
+            self.start_prev_action[s_streams, slot] = np.where(has_prev, self.action[s_streams, prev_pos], -1)
+            self.start_prev_reward[s_streams, slot] = np.where(has_prev, self.reward[s_streams, prev_pos], 0.0)
+
+        self.obs[streams, pos] = obs
+        self.action[streams, pos] = action
+        self.reward[streams, pos] = reward
+        self.first[streams, pos] = first
+        self.terminated[streams, pos] = terminated
+        self.truncated[streams, pos] = truncated
+        step = step + 1
+        self.write_count[streams] = step
+
+        done_k = step - self.window_length  # sequence k is complete when its last step is written
+        complete = (done_k >= 0) & (done_k % P == 0)
+        if complete.any():
+            c_streams, k = streams[complete], done_k[complete] // P
+            slot = k % S
+            self.sequence_id[c_streams, slot] = k
+            # new sequences enter at the running maximum priority (PER, Alg. 1)
+            self.tree.set(c_streams * S + slot, np.full(len(k), self.max_priority**self.priority_exponent))
+            self.num_sequences_added += len(k)
+
+    # ------------------------------------------------------------------ sampling
+    def window_positions(self, streams: np.ndarray, sequence_ids: np.ndarray) -> np.ndarray:
+        """Ring positions (B, W) of the windows of sequences ``sequence_ids`` (B,) of ``streams``."""
+        start = np.asarray(sequence_ids, dtype=np.int64) * self.period
+        return (start[:, None] + np.arange(self.window_length)) % self.capacity_per_stream
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> SequenceBatch:
+        """Draw ``batch_size`` windows with P(i) ∝ p_i^α by stratified sampling (PER, App. B.2.1).
+
+        Raises:
+            ValueError: batch_size < 1.
+            RuntimeError: no complete sequence is stored yet.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        total = self.tree.total
+        if total <= 0:
+            raise RuntimeError("replay holds no complete sequence yet")
+        targets = (np.arange(batch_size) + rng.random(batch_size)) * (total / batch_size)
+        leaves = self.tree.find(np.minimum(targets, np.nextafter(total, 0)))
+        probabilities = self.tree.get(leaves) / total
+        n = self.num_valid_sequences
+        weights = (n * probabilities) ** (-self.importance_sampling_exponent)
+        weights = (weights / weights.max()).astype(np.float32)
+
+        streams, slots = np.divmod(leaves, self.slots_per_stream)
+        sequence_ids = self.sequence_id[streams, slots]
+        pos = self.window_positions(streams, sequence_ids)  # (B, W)
+        rows = streams[:, None]
+        action = self.action[rows, pos].T  # (W, B)
+        reward = self.reward[rows, pos].T
+        first = self.first[rows, pos].T
+        prev_action = np.empty_like(action)
+        prev_reward = np.empty_like(reward)
+        prev_action[0] = self.start_prev_action[streams, slots]
+        prev_reward[0] = self.start_prev_reward[streams, slots]
+        prev_action[1:] = np.where(first[1:], -1, action[:-1])
+        prev_reward[1:] = np.where(first[1:], 0.0, reward[:-1])
+        obs = self.obs[rows, pos]  # (B, W, *obs_shape)
+        return SequenceBatch(
+            obs=np.ascontiguousarray(np.swapaxes(obs, 0, 1)),
+            action=action,
+            reward=reward,
+            first=first,
+            terminated=self.terminated[rows, pos].T,
+            truncated=self.truncated[rows, pos].T,
+            prev_action=prev_action,
+            prev_reward=prev_reward,
+            initial_state=self.stored_state[streams, slots],
+            weights=weights,
+            indices=leaves,
+            sequence_ids=sequence_ids,
+            probabilities=probabilities,
+        )
+
+    def update_priorities(self, indices: np.ndarray, sequence_ids: np.ndarray, priorities: np.ndarray) -> None:
+        """Set new priorities (B,) for sampled windows; windows overwritten since they were
+        sampled (their slot now holds another sequence) are skipped.
+
+        Raises:
+            ValueError: a negative or non-finite priority.
+        """
+        priorities = np.asarray(priorities, dtype=np.float64)
+        if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
+            raise ValueError("priorities must be finite and >= 0")
+        streams, slots = np.divmod(np.asarray(indices), self.slots_per_stream)
+        current = self.sequence_id[streams, slots] == np.asarray(sequence_ids)
+        if not current.any():
+            return
+        p = priorities[current] + self.PRIORITY_EPSILON
+        self.tree.set(np.asarray(indices)[current], p**self.priority_exponent)
+        self.max_priority = max(self.max_priority, float(p.max()))

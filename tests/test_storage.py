@@ -1,0 +1,255 @@
+"""SequenceReplayBuffer and SumTree against brute-force references."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from r2d2_algo.storage import SequenceReplayBuffer, SumTree, sequence_priorities
+
+L, M, N, OVERLAP = 3, 6, 2, 2  # burn-in, sequence length, n-step, overlap -> period 4, window 11
+
+
+def make_buffer(num_streams=3, capacity=3 * 24, state_size=2, obs_shape=(2,), **kwargs):
+    return SequenceReplayBuffer(num_streams, capacity, obs_shape, np.float32, state_size, L, M, N, OVERLAP, **kwargs)
+
+
+class Reference:
+    """Keeps every step ever written, per stream, in plain Python lists."""
+
+    def __init__(self, num_streams):
+        self.steps = [[] for _ in range(num_streams)]
+
+    def add(self, e, **step):
+        self.steps[e].append(step)
+
+
+def fill(rb, ref, num_steps, rng, streams_per_call=None):
+    """Write random steps (episodes of random length, some truncated) to rb and ref."""
+    E = rb.num_streams
+    first = np.ones(E, dtype=bool)
+    for _ in range(num_steps):
+        streams = np.arange(E) if streams_per_call is None else rng.choice(E, streams_per_call, replace=False)
+        K = len(streams)
+        obs = rng.normal(size=(K, *rb.obs_shape)).astype(np.float32)
+        action = rng.integers(0, 4, K)
+        reward = rng.normal(size=K).astype(np.float32)
+        end = rng.random(K) < 0.1
+        terminated = end & (rng.random(K) < 0.5)
+        truncated = end & ~terminated
+        state = rng.normal(size=(K, rb.state_size)).astype(np.float32)
+        rb.add(obs, action, reward, first[streams], terminated, truncated, state, streams=streams)
+        for j, e in enumerate(streams):
+            ref.add(e, obs=obs[j], action=action[j], reward=reward[j], first=first[e], terminated=terminated[j],
+                    truncated=truncated[j], state=state[j])
+        first[streams] = terminated | truncated
+
+
+def check_window(rb, ref, batch, b, stream):
+    k = batch.sequence_ids[b]
+    P, W = rb.period, rb.window_length
+    window = ref.steps[stream][k * P : k * P + W]
+    assert len(window) == W, "window extends past what was written"
+    np.testing.assert_array_equal(batch.obs[:, b], np.stack([s["obs"] for s in window]))
+    np.testing.assert_array_equal(batch.action[:, b], [s["action"] for s in window])
+    np.testing.assert_array_equal(batch.reward[:, b], [s["reward"] for s in window])
+    np.testing.assert_array_equal(batch.first[:, b], [s["first"] for s in window])
+    np.testing.assert_array_equal(batch.terminated[:, b], [s["terminated"] for s in window])
+    np.testing.assert_array_equal(batch.truncated[:, b], [s["truncated"] for s in window])
+    np.testing.assert_array_equal(batch.initial_state[b], window[0]["state"])
+    # previous action / reward: from the step before, none (-1, 0) at an episode start
+    for t in range(W):
+        if window[t]["first"] or (t == 0 and k * P == 0):
+            expected = (-1, 0.0)
+        else:
+            prev = ref.steps[stream][k * P + t - 1]
+            expected = (prev["action"], prev["reward"])
+        assert (batch.prev_action[t, b], batch.prev_reward[t, b]) == expected
+
+
+@pytest.mark.parametrize("streams_per_call", [None, 1, 2])
+def test_windows_equal_reference_after_many_wraparounds(streams_per_call):
+    rng = np.random.default_rng(0)
+    rb = make_buffer()
+    ref = Reference(rb.num_streams)
+    assert rb.capacity_per_stream == 24 and rb.window_length == 11 and rb.period == 4
+    for _ in range(12):  # each round writes ~60 steps per stream: > 2 wrap-arounds per round
+        fill(rb, ref, 60 if streams_per_call is None else 90, rng, streams_per_call)
+        batch = rb.sample(32, rng)
+        streams = batch.indices // rb.slots_per_stream
+        for b in range(32):
+            check_window(rb, ref, batch, b, streams[b])
+    assert rb.write_count.min() > 10 * rb.capacity_per_stream
+
+
+def valid_reference(rb):
+    """Brute force: sequences whose whole window is written and not yet overwritten."""
+    valid = set()
+    for e in range(rb.num_streams):
+        written = int(rb.write_count[e])
+        for k in range(written // rb.period + 1):
+            start = k * rb.period
+            if start + rb.window_length <= written and start >= written - rb.capacity_per_stream:
+                valid.add((e, k))
+    return valid
+
+
+def test_validity_at_the_write_head_after_every_step():
+    rng = np.random.default_rng(1)
+    rb = make_buffer()
+    ref = Reference(rb.num_streams)
+    for _ in range(150):
+        fill(rb, ref, 1, rng, streams_per_call=2)
+        ids = rb.sequence_id
+        got = {(e, int(ids[e, s])) for e in range(rb.num_streams) for s in range(rb.slots_per_stream) if ids[e, s] >= 0}
+        assert got == valid_reference(rb)
+        leaves = rb.tree.get(np.arange(rb.num_streams * rb.slots_per_stream)).reshape(ids.shape)
+        np.testing.assert_array_equal(leaves > 0, ids >= 0)  # only valid sequences can be drawn
+
+
+def test_never_samples_a_window_partly_overwritten():
+    rng = np.random.default_rng(2)
+    rb = make_buffer(num_streams=1, capacity=16)  # 16 = window 11 + room for one more period
+    ref = Reference(1)
+    for _ in range(300):
+        fill(rb, ref, 1, rng)
+        if rb.num_valid_sequences:
+            batch = rb.sample(8, rng)
+            start = batch.sequence_ids * rb.period
+            written = rb.write_count[0]
+            assert np.all(start >= written - rb.capacity_per_stream)
+            assert np.all(start + rb.window_length <= written)
+            for b in range(8):
+                check_window(rb, ref, batch, b, 0)
+
+
+def test_sampling_frequencies_follow_priority_to_the_alpha():
+    rng = np.random.default_rng(3)
+    alpha = 0.7
+    rb = make_buffer(priority_exponent=alpha)
+    fill(rb, Reference(rb.num_streams), 100, rng)
+    leaves = np.flatnonzero(rb.sequence_id.flatten() >= 0)
+    priorities = rng.uniform(0.1, 5.0, len(leaves))
+    streams, slots = np.divmod(leaves, rb.slots_per_stream)
+    rb.update_priorities(leaves, rb.sequence_id[streams, slots], priorities)
+    draws = np.concatenate([rb.sample(64, rng).indices for _ in range(2000)])
+    observed = np.array([(draws == leaf).sum() for leaf in leaves])
+    assert observed.sum() == len(draws)  # nothing else was ever drawn
+    p_alpha = (priorities + rb.PRIORITY_EPSILON) ** alpha
+    expected = len(draws) * p_alpha / p_alpha.sum()
+    _, p_value = stats.chisquare(observed, expected)
+    assert p_value > 1e-3
+    # and the test would notice sampling ∝ p instead of p^α
+    wrong = len(draws) * priorities / priorities.sum()
+    assert stats.chisquare(observed, wrong)[1] < 1e-6
+
+
+def test_importance_weights_and_probabilities():
+    rng = np.random.default_rng(4)
+    beta = 0.6
+    rb = make_buffer(importance_sampling_exponent=beta)
+    fill(rb, Reference(rb.num_streams), 80, rng)
+    leaves = np.flatnonzero(rb.sequence_id.flatten() >= 0)
+    streams, slots = np.divmod(leaves, rb.slots_per_stream)
+    priorities = rng.uniform(0.0, 3.0, len(leaves))
+    rb.update_priorities(leaves, rb.sequence_id[streams, slots], priorities)
+    batch = rb.sample(16, rng)
+    p_alpha = (priorities + rb.PRIORITY_EPSILON) ** rb.priority_exponent
+    prob = dict(zip(leaves, p_alpha / p_alpha.sum()))
+    expected_p = np.array([prob[i] for i in batch.indices])
+    np.testing.assert_allclose(batch.probabilities, expected_p, rtol=1e-12)
+    w = (len(leaves) * expected_p) ** (-beta)
+    np.testing.assert_allclose(batch.weights, w / w.max(), rtol=1e-6)
+    assert batch.weights.max() == pytest.approx(1.0)
+
+
+def test_priority_updates_skip_overwritten_sequences_and_track_max():
+    rng = np.random.default_rng(5)
+    rb = make_buffer(num_streams=1, capacity=24)
+    ref = Reference(1)
+    fill(rb, ref, 40, rng)
+    batch = rb.sample(4, rng)
+    fill(rb, ref, 24, rng)  # one full wrap: every sampled window is gone
+    rb.update_priorities(batch.indices, batch.sequence_ids, np.full(4, 100.0))
+    assert rb.max_priority == 1.0  # stale update ignored entirely
+    assert np.all(rb.tree.get(batch.indices[rb.sequence_id[0, batch.indices] >= 0]) <= 1.0)
+    batch = rb.sample(4, rng)
+    rb.update_priorities(batch.indices, batch.sequence_ids, np.array([0.5, 2.0, 0.25, 3.0]))
+    assert rb.max_priority == pytest.approx(3.0 + rb.PRIORITY_EPSILON)
+    # a new sequence enters with the running maximum
+    fill(rb, ref, rb.period, rng)
+    newest = rb.sequence_id[0].argmax()
+    assert rb.tree.get([newest])[0] == pytest.approx(rb.max_priority**rb.priority_exponent)
+
+
+def test_sample_from_empty_buffer_raises():
+    rb = make_buffer()
+    with pytest.raises(RuntimeError, match="no complete sequence"):
+        rb.sample(4, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(capacity=3 * 10), "smaller than one window"),
+        (dict(burn_in_length=-1), "burn_in_length"),
+        (dict(sequence_length=0), "sequence_length"),
+        (dict(n_step=0), "n_step"),
+        (dict(overlap=6), "overlap"),
+        (dict(overlap=-1), "overlap"),
+        (dict(num_streams=0), "num_streams"),
+        (dict(priority_exponent=1.5), "priority_exponent"),
+        (dict(importance_sampling_exponent=-0.1), "importance_sampling_exponent"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    args = dict(num_streams=3, capacity=72, obs_shape=(2,), obs_dtype=np.float32, state_size=2, burn_in_length=L,
+                sequence_length=M, n_step=N, overlap=OVERLAP)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        SequenceReplayBuffer(**args)
+
+
+def test_bad_priorities_raise_value_error():
+    rb = make_buffer()
+    fill(rb, Reference(rb.num_streams), 30, np.random.default_rng(6))
+    batch = rb.sample(2, np.random.default_rng(0))
+    for bad in ([-1.0, 1.0], [np.nan, 1.0]):
+        with pytest.raises(ValueError, match="priorities"):
+            rb.update_priorities(batch.indices, batch.sequence_ids, np.array(bad))
+
+
+def test_sum_tree_find_matches_cumulative_sum():
+    rng = np.random.default_rng(7)
+    tree = SumTree(37)
+    values = rng.uniform(0, 2, 37)
+    values[rng.random(37) < 0.3] = 0.0
+    tree.set(np.arange(37), values)
+    assert tree.total == pytest.approx(values.sum())
+    queries = rng.uniform(0, tree.total, 10_000)
+    expected = np.searchsorted(np.cumsum(values), queries, side="right")
+    np.testing.assert_array_equal(tree.find(queries), expected)
+    assert np.all(values[tree.find(np.array([0.0, np.nextafter(tree.total, 0)]))] > 0)
+
+
+def test_sum_tree_duplicate_updates_last_wins():
+    tree = SumTree(4)
+    tree.set(np.array([1, 1, 2]), np.array([5.0, 3.0, 1.0]))
+    assert tree.get([1])[0] == 3.0 and tree.total == 4.0
+
+
+def test_sequence_priorities_match_brute_force():
+    rng = np.random.default_rng(8)
+    abs_td = rng.uniform(0, 3, (7, 5))
+    mask = rng.random((7, 5)) < 0.7
+    mask[:, 0] = False  # no valid step: priority 0
+    eta = 0.9
+    got = sequence_priorities(abs_td, mask, eta)
+    for b in range(5):
+        valid = abs_td[mask[:, b], b]
+        expected = 0.0 if len(valid) == 0 else eta * valid.max() + (1 - eta) * valid.mean()
+        assert got[b] == pytest.approx(expected)
+
+
+def test_images_stored_once_as_uint8():
+    rb = SequenceReplayBuffer(2, 2 * 40, (4, 84, 84), np.uint8, 8, L, M, N, OVERLAP)
+    assert rb.obs.dtype == np.uint8 and rb.obs.shape == (2, 40, 4, 84, 84)
