@@ -27,7 +27,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from r2d2_algo.envs import UnsupportedEnvError, check_env_id, epsilon_ladder, make_vector_env
+from r2d2_algo.envs import check_env_id, epsilon_ladder, make_vector_env
 from r2d2_algo.evaluate import evaluate
 from r2d2_algo.model import RNNQNetwork, parameter_count
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities
@@ -110,7 +110,7 @@ class Args:
     eval_interval: int = 10_000
     """environment steps between greedy evaluations (0: only at the end)"""
     eval_episodes: int = 10
-    """episodes per greedy evaluation"""
+    """episodes per greedy evaluation (0: no evaluation)"""
     log_interval: int = 1_000
     """environment steps between scalar logs"""
     progress_bar: bool = True
@@ -120,12 +120,11 @@ class Args:
 def check_args(args: Args) -> None:
     """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
     positive = ["total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
-                "sequence_length", "batch_size", "n_step", "target_network_update_period", "eval_episodes",
-                "log_interval"]
+                "sequence_length", "batch_size", "n_step", "target_network_update_period", "log_interval"]
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["burn_in_length", "learning_starts", "eval_interval"]:
+    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes"]:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.gamma <= 1.0:
@@ -250,8 +249,11 @@ def batch_to_torch(batch: SequenceBatch, device: torch.device) -> dict[str, torc
 
 
 def main(args: Args) -> None:
-    check_args(args)
-    observation_space, n_actions = check_env_id(args.env_id)
+    try:  # everything that can refuse the arguments runs before the run folder is created
+        check_args(args)
+        observation_space, n_actions = check_env_id(args.env_id)
+    except ValueError as e:
+        raise SystemExit(f"r2d2.py: error: {e}") from None
     run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
@@ -267,12 +269,15 @@ def main(args: Args) -> None:
                                  args.head_hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    rb = SequenceReplayBuffer(
-        num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
-        obs_dtype=observation_space.dtype, state_size=q_network.state_size, burn_in_length=args.burn_in_length,
-        sequence_length=args.sequence_length, n_step=args.n_step, overlap=args.overlap,
-        priority_exponent=args.priority_exponent, importance_sampling_exponent=args.importance_sampling_exponent,
-    )
+    try:
+        rb = SequenceReplayBuffer(
+            num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
+            obs_dtype=observation_space.dtype, state_size=q_network.state_size, burn_in_length=args.burn_in_length,
+            sequence_length=args.sequence_length, n_step=args.n_step, overlap=args.overlap,
+            priority_exponent=args.priority_exponent, importance_sampling_exponent=args.importance_sampling_exponent,
+        )
+    except ValueError as e:
+        raise SystemExit(f"r2d2.py: error: {e}") from None
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)
     epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,)
 
@@ -377,7 +382,7 @@ def main(args: Args) -> None:
                 mean_return = np.mean(recent_returns) if recent_returns else float("nan")
                 bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", eval=f"{eval_return:.1f}", upd=updates)
 
-            if global_step >= next_eval or global_step >= args.total_timesteps:
+            if args.eval_episodes > 0 and (global_step >= next_eval or global_step >= args.total_timesteps):
                 returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + 10_000, device)
                 eval_return = float(returns.mean())
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
@@ -399,8 +404,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
     try:
-        main(cli_args)
-    except (UnsupportedEnvError, ValueError) as e:
-        sys.exit(f"r2d2.py: error: {e}")
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:
+        sys.exit("r2d2.py: interrupted")

@@ -1,0 +1,99 @@
+"""Environment construction: accepted and refused ids, Atari preprocessing, the ε ladder."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from r2d2_algo.envs import (
+    NO_VELOCITY_CARTPOLE_ID,
+    UnsupportedEnvError,
+    check_env_id,
+    epsilon_ladder,
+    make_env,
+    make_vector_env,
+)
+
+
+def test_cartpole_accepted():
+    space, n = check_env_id("CartPole-v1")
+    assert space.shape == (4,) and n == 2
+
+
+def test_module_colon_env_id_form_imports_the_module():
+    space, n = check_env_id(f"r2d2_algo.envs:{NO_VELOCITY_CARTPOLE_ID}")
+    assert space.shape == (2,) and n == 2
+
+
+def test_no_velocity_cartpole_drops_the_velocities():
+    full, masked = gym.make("CartPole-v1"), make_env(NO_VELOCITY_CARTPOLE_ID)
+    obs_full, _ = full.reset(seed=3)
+    obs_masked, _ = masked.reset(seed=3)
+    np.testing.assert_array_equal(obs_masked, obs_full[[0, 2]])
+    for _ in range(5):
+        obs_full, *_ = full.step(1)
+        obs_masked, *_ = masked.step(1)
+    np.testing.assert_array_equal(obs_masked, obs_full[[0, 2]])
+    assert masked.spec.max_episode_steps == 500
+
+
+@pytest.mark.parametrize(
+    "env_id, match",
+    [
+        ("Pendulum-v1", "Box action space; R2D2 needs Discrete actions"),
+        ("FrozenLake-v1", "Discrete observation space; R2D2 needs a Box"),
+        ("NoSuchEnv-v0", "unknown environment id 'NoSuchEnv-v0'"),
+        ("no_such_module:CartPole-v1", "cannot import module 'no_such_module'"),
+    ],
+)
+def test_unsupported_ids_refused_with_one_line(env_id, match):
+    with pytest.raises(UnsupportedEnvError, match=match) as info:
+        check_env_id(env_id)
+    assert "\n" not in str(info.value)
+
+
+def test_atari_preprocessing_as_in_the_paper():
+    env = make_env("PongNoFrameskip-v4")
+    try:
+        assert env.observation_space.shape == (4, 84, 84) and env.observation_space.dtype == np.uint8
+        assert env.action_space.n == 18  # full action set
+        obs, _ = env.reset(seed=0)
+        assert obs.shape == (4, 84, 84)
+        ale_env = env.unwrapped
+        assert ale_env._frameskip == 1  # skipping (4, max-pooled) happens in AtariPreprocessing
+        preprocessing = env.env
+        assert isinstance(preprocessing, gym.wrappers.AtariPreprocessing)
+        assert preprocessing.frame_skip == 4 and preprocessing.noop_max == 30
+        assert not preprocessing.terminal_on_life_loss
+        assert env.spec.max_episode_steps is None or env.spec.max_episode_steps >= 27_000
+        time_limit = env
+        while not isinstance(time_limit, gym.wrappers.TimeLimit):
+            time_limit = time_limit.env
+        assert time_limit._max_episode_steps == 108_000  # raw frames
+        _, reward, *_ = env.step(0)
+        assert reward in (-1.0, 0.0, 1.0)  # Pong's raw reward, unclipped by us
+    finally:
+        env.close()
+
+
+def test_vector_env_uses_next_step_autoreset():
+    envs = make_vector_env("CartPole-v1", 2, seed=0)
+    envs.reset(seed=0)
+    saw_reset_step = False
+    done_prev = np.zeros(2, dtype=bool)
+    for _ in range(200):
+        _, reward, terminated, truncated, _ = envs.step(np.zeros(2, dtype=np.int64))
+        if done_prev.any():
+            assert np.all(reward[done_prev] == 0.0)  # the step after a final obs is the reset
+            saw_reset_step = True
+        done_prev = terminated | truncated
+    envs.close()
+    assert saw_reset_step
+
+
+def test_epsilon_ladder_ape_x_values():
+    eps = epsilon_ladder(8)
+    np.testing.assert_allclose(eps, [0.4 ** (1 + 7 * i / 7) for i in range(8)])
+    assert eps[0] == pytest.approx(0.4) and eps[-1] == pytest.approx(0.4**8)
+    assert epsilon_ladder(1)[0] == 0.4
+    with pytest.raises(ValueError):
+        epsilon_ladder(0)
