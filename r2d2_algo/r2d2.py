@@ -61,11 +61,11 @@ class Args:
     # Network
     rnn_type: Literal["lstm", "gru", "none"] = "lstm"
     """recurrent core: lstm (paper), gru, or none (feed-forward ablation: n-step double DQN)"""
-    hidden_size: int = 64
+    hidden_size: int = 128
     """width of the recurrent core (paper: 512)"""
-    torso_size: int = 64
+    torso_size: int = 128
     """width of the torso output (paper: 512)"""
-    head_hidden_size: int = 64
+    head_hidden_size: int = 128
     """hidden width of each dueling stream (paper: 512)"""
 
     # Replay
@@ -93,21 +93,21 @@ class Args:
     """sequences per minibatch (paper: 64)"""
     gamma: float = 0.99
     """discount γ (paper: 0.997)"""
-    n_step: int = 3
+    n_step: int = 5
     """n of the n-step double-Q target (paper: 5)"""
     value_rescaling_epsilon: float = 1e-3
     """ε of the value rescaling h(x) = sign(x)(√(|x|+1) − 1) + εx (paper: 1e-3)"""
-    target_network_update_period: int = 200
+    target_network_update_period: int = 50
     """learner updates between hard target-network copies (paper: 2500)"""
     max_grad_norm: float = 40.0
     """gradient norm clip (Ape-X: 40)"""
     learning_starts: int = 2_000
     """environment steps before learning starts"""
-    replay_ratio: float = 4.0
+    replay_ratio: float = 32.0
     """trained observations sampled per observation added (B·m per update ÷ env steps)"""
 
     # Evaluation and logging
-    eval_interval: int = 10_000
+    eval_interval: int = 5_000
     """environment steps between greedy evaluations (0: only at the end)"""
     eval_episodes: int = 10
     """episodes per greedy evaluation (0: no evaluation)"""
