@@ -60,17 +60,20 @@ class _ResettingRNN(nn.Module):
     resets, two exact strategies are available and the cheaper one is taken per batch:
 
     - ``chunked``: cut the time axis at the k distinct steps where any row resets and run
-      k + 1 fused calls, zeroing the reset rows' state between them. On CPU this is the
-      faster one at every reset density (benchmarks/bench_core.py).
+      k + 1 fused calls, zeroing the reset rows' state between them. Costs one call overhead
+      per reset step: the faster one for large cores or rare resets (Atari).
     - ``packed``: cut every row into segments at its resets; all segments form the batch of
       one packed-sequence call (first segments start from the given state, others from
-      zeros) and outputs are scattered back: one kernel however many resets, which is what
-      a GPU wants when resets are dense.
+      zeros) and outputs are scattered back: one call however many resets, about twice the
+      plain call. The faster one for small cores with dense resets (CartPole), and on a GPU.
     """
 
     rnn: nn.RNNBase
     num_state_parts: int
-    max_chunks: int = 16  # on CUDA, from this many reset steps on use the packed kernel
+    # Fixed cost of one extra fused call, in multiply-adds of the unroll, measured on CPU with
+    # benchmarks/bench_core.py (about 1.6 ms per LSTM call, 0.5 ms per GRU call at 1e-11 s/MAC).
+    call_overhead_macs: float
+    max_chunks_cuda: int = 16  # on CUDA each chunk is a kernel launch: from this many on, pack
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
@@ -102,10 +105,7 @@ class _ResettingRNN(nn.Module):
         """
         reset_times = reset[1:].any(dim=1).nonzero().flatten() + 1  # (k,) distinct steps > 0
         if strategy == "auto":
-            # chunked wins at every reset density on CPU (benchmarks/bench_core.py); on CUDA
-            # each chunk is a kernel launch, so dense resets go to cuDNN's packed kernel.
-            dense = x.is_cuda and len(reset_times) >= self.max_chunks
-            strategy = "packed" if dense else "chunked"
+            strategy = "packed" if self._packing_is_cheaper(x, len(reset_times)) else "chunked"
         if strategy == "packed" and len(reset_times) > 0:
             return self._packed(x, state, reset)
         keep = (~reset).unsqueeze(-1)  # (T, B, 1)
@@ -121,6 +121,15 @@ class _ResettingRNN(nn.Module):
             out, rnn_state = self.rnn(x[t0:t1], rnn_state)
             outs.append(out)
         return torch.cat(outs) if len(outs) > 1 else outs[0], self._join(rnn_state)
+
+    def _packing_is_cheaper(self, x: torch.Tensor, num_reset_steps: int) -> bool:
+        """Deterministic cost model: chunking costs one call overhead per reset step, packing
+        roughly doubles the plain call. Both are exact; this only picks the faster one."""
+        if x.is_cuda:
+            return num_reset_steps >= self.max_chunks_cuda
+        T, B, input_size = x.shape
+        plain_macs = T * B * self.rnn.weight_hh_l0.shape[0] * (input_size + self.hidden_size)
+        return num_reset_steps * self.call_overhead_macs > plain_macs
 
     def _packed(self, x: torch.Tensor, state: torch.Tensor, reset: torch.Tensor):
         seg, pos, lengths, first_seg, last_seg = _segment_layout(reset)
@@ -139,6 +148,7 @@ class ResettingLSTM(_ResettingRNN):
     """LSTM core whose (h, c) state is zeroed at episode starts; state = [h, c], (B, 2H)."""
 
     num_state_parts = 2
+    call_overhead_macs = 1.5e8
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size)
@@ -149,6 +159,7 @@ class ResettingGRU(_ResettingRNN):
     """GRU core whose state is zeroed at episode starts; state = h, (B, H)."""
 
     num_state_parts = 1
+    call_overhead_macs = 0.45e8
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size)
