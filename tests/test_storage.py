@@ -122,15 +122,21 @@ def test_never_samples_a_window_partly_overwritten():
                 check_window(rb, ref, batch, b, 0)
 
 
+def set_random_priorities(rb, rng, low, high):
+    """Give every valid sequence a uniform random priority; return (leaves, priorities)."""
+    leaves = np.flatnonzero(rb.sequence_id.flatten() >= 0)
+    priorities = rng.uniform(low, high, len(leaves))
+    streams, slots = np.divmod(leaves, rb.slots_per_stream)
+    rb.update_priorities(leaves, rb.sequence_id[streams, slots], priorities)
+    return leaves, priorities
+
+
 def test_sampling_frequencies_follow_priority_to_the_alpha():
     rng = np.random.default_rng(3)
     alpha = 0.7
     rb = make_buffer(priority_exponent=alpha)
     fill(rb, Reference(rb.num_streams), 100, rng)
-    leaves = np.flatnonzero(rb.sequence_id.flatten() >= 0)
-    priorities = rng.uniform(0.1, 5.0, len(leaves))
-    streams, slots = np.divmod(leaves, rb.slots_per_stream)
-    rb.update_priorities(leaves, rb.sequence_id[streams, slots], priorities)
+    leaves, priorities = set_random_priorities(rb, rng, 0.1, 5.0)
     draws = np.concatenate([rb.sample(64, rng).indices for _ in range(2000)])
     observed = np.array([(draws == leaf).sum() for leaf in leaves])
     assert observed.sum() == len(draws)  # nothing else was ever drawn
@@ -148,10 +154,7 @@ def test_importance_weights_and_probabilities():
     beta = 0.6
     rb = make_buffer(importance_sampling_exponent=beta)
     fill(rb, Reference(rb.num_streams), 80, rng)
-    leaves = np.flatnonzero(rb.sequence_id.flatten() >= 0)
-    streams, slots = np.divmod(leaves, rb.slots_per_stream)
-    priorities = rng.uniform(0.0, 3.0, len(leaves))
-    rb.update_priorities(leaves, rb.sequence_id[streams, slots], priorities)
+    leaves, priorities = set_random_priorities(rb, rng, 0.0, 3.0)
     batch = rb.sample(16, rng)
     p_alpha = (priorities + rb.PRIORITY_EPSILON) ** rb.priority_exponent
     prob = dict(zip(leaves, p_alpha / p_alpha.sum()))
