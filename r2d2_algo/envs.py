@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 ATARI_MAX_FRAMES = 108_000  # 30 minutes at 60 Hz (R2D2 Table 2)
+ATARI_FRAME_STACK = 4
 NO_VELOCITY_CARTPOLE_ID = "CartPoleNoVelocity-v1"
 
 
@@ -115,7 +116,13 @@ def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAM
         env, noop_max=noop_max, frame_skip=4, screen_size=84, terminal_on_life_loss=False,
         grayscale_obs=True, scale_obs=False,
     )
-    return gym.wrappers.FrameStackObservation(env, stack_size=4)
+    # zero padding at an episode start, as the replay rebuilds stacks (storage.stack_frames)
+    return gym.wrappers.FrameStackObservation(env, stack_size=ATARI_FRAME_STACK, padding_type="zero")
+
+
+def frame_stack_of(env_id: str) -> int:
+    """Frames per observation that replay may store once (4 for Atari, else 1)."""
+    return ATARI_FRAME_STACK if is_atari(env_id) else 1
 
 
 def check_env_id(env_id: str) -> tuple[gym.spaces.Box, int]:

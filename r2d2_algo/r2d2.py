@@ -27,10 +27,10 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from r2d2_algo.envs import check_env_id, epsilon_ladder, make_vector_env
+from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import evaluate
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities, stack_frames
 
 
 @dataclass
@@ -241,11 +241,15 @@ def r2d2_loss(
     return loss, priorities, stats
 
 
-def batch_to_torch(batch: SequenceBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    """numpy SequenceBatch -> dict of tensors on ``device``."""
+def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int = 1) -> dict[str, torch.Tensor]:
+    """numpy SequenceBatch -> dict of tensors on ``device``; frame stacks are rebuilt there."""
     names = ["obs", "action", "reward", "first", "terminated", "truncated", "prev_action", "prev_reward",
              "initial_state", "weights"]
-    return {name: torch.as_tensor(getattr(batch, name)).to(device, non_blocking=True) for name in names}
+    out = {name: torch.as_tensor(getattr(batch, name)).to(device, non_blocking=True) for name in names}
+    if frame_stack > 1:
+        frame_first = torch.as_tensor(batch.frame_first).to(device, non_blocking=True)
+        out["obs"] = stack_frames(out["obs"], frame_first, frame_stack)  # (W, B, stack, H, W)
+    return out
 
 
 def main(args: Args) -> None:
@@ -269,12 +273,14 @@ def main(args: Args) -> None:
                                  args.head_hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
     try:
         rb = SequenceReplayBuffer(
             num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
             obs_dtype=observation_space.dtype, state_size=q_network.state_size, burn_in_length=args.burn_in_length,
             sequence_length=args.sequence_length, n_step=args.n_step, overlap=args.overlap,
             priority_exponent=args.priority_exponent, importance_sampling_exponent=args.importance_sampling_exponent,
+            frame_stack=frame_stack,
         )
     except ValueError as e:
         raise SystemExit(f"r2d2.py: error: {e}") from None
@@ -340,7 +346,7 @@ def main(args: Args) -> None:
                 while updates < updates_due:
                     batch = rb.sample(args.batch_size, rng)
                     loss, priorities, stats = r2d2_loss(
-                        q_network, target_network, batch_to_torch(batch, device), args.burn_in_length,
+                        q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
                         args.sequence_length, args.gamma, args.n_step, args.value_rescaling_epsilon, args.priority_eta,
                     )
                     optimizer.zero_grad()

@@ -22,6 +22,12 @@ Layout (R2D2_SPEC.md pieces 1, 4 and 6; Kapturowski et al. 2019, Sec. 2.3 and 3)
   across an end). A truncated final observation is kept so that targets can bootstrap
   from it; a terminated one has value 0.
 
+- Image observations that are frame stacks (Atari: 4 × 84 × 84) can be stored as single
+  frames (``frame_stack`` > 1): only the newest frame of each observation is kept, and the
+  stacks are rebuilt at sampling time, with zero frames before an episode start. A window
+  then also needs the frame_stack − 1 frames before it, and it stops being sampleable as
+  soon as the first of those is overwritten.
+
 Gymnasium's NEXT_STEP autoreset produces exactly this stream: the step after a final
 observation returns the reset observation with reward 0, and the action taken from the final
 observation is ignored (its step is masked out of the loss).
@@ -107,7 +113,8 @@ class SequenceBatch:
     """A prioritized batch of B windows of W = burn-in + sequence length + n-step steps.
 
     All arrays are time-major numpy arrays:
-        obs: (W, B, *obs_shape), the stored dtype.
+        obs: (W, B, *obs_shape), the stored dtype; with frame stacking the single frames
+            (h + W, B, *frame_shape), h = frame_stack − 1, to be stacked by ``stack_frames``.
         action: (W, B) int64, action taken at each step (meaningless at a final observation).
         reward: (W, B) float32, reward that followed each step's action.
         first: (W, B) bool, step begins an episode (reset mask of the recurrent core).
@@ -120,6 +127,7 @@ class SequenceBatch:
         indices: (B,) int64, leaf indices for ``update_priorities``.
         sequence_ids: (B,) int64, which sequence of its stream each window is (k).
         probabilities: (B,) float64, sampling probabilities P(i).
+        frame_first: with frame stacking, (h + W, B) bool ``first`` flags of the frames in obs.
     """
 
     obs: np.ndarray
@@ -135,6 +143,35 @@ class SequenceBatch:
     indices: np.ndarray
     sequence_ids: np.ndarray
     probabilities: np.ndarray
+    frame_first: np.ndarray | None = None
+
+
+def stack_frames(frames, frame_first, frame_stack: int):
+    """Rebuild frame stacks from single frames, zeroing frames before an episode start.
+
+    Works on torch tensors (on any device), so the learner can stack on the GPU.
+
+    Args:
+        frames: (h + W, B, *frame_shape) tensor, h = frame_stack − 1.
+        frame_first: (h + W, B) bool tensor, True where a frame begins an episode.
+        frame_stack: number of frames per observation (Atari: 4).
+    Returns:
+        (W, B, frame_stack, *frame_shape) tensor, oldest frame first, as FrameStackObservation
+        with zero padding returns them.
+    """
+    import torch
+
+    h = frame_stack - 1
+    L, B = frame_first.shape
+    W = L - h
+    index = torch.arange(L, device=frame_first.device).unsqueeze(1).expand(L, B)
+    episode_start = torch.where(frame_first, index, torch.full_like(index, -1)).cummax(dim=0).values  # (L, B)
+    source = (torch.arange(W, device=frames.device).unsqueeze(1) + torch.arange(frame_stack, device=frames.device))
+    stacked = frames[source]  # (W, S, B, *frame_shape)
+    same_episode = source.unsqueeze(-1) >= episode_start[h:].unsqueeze(1)  # (W, S, B)
+    same_episode = same_episode.view(*same_episode.shape, *([1] * (frames.dim() - 2)))
+    stacked = torch.where(same_episode, stacked, torch.zeros((), dtype=frames.dtype, device=frames.device))
+    return stacked.transpose(1, 2)
 
 
 def numpy_zeros(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -159,6 +196,9 @@ class SequenceReplayBuffer:
             every sequence_length − overlap steps.
         priority_exponent: α (paper: 0.9).
         importance_sampling_exponent: β (paper: 0.6).
+        frame_stack: if > 1, observations are stacks (frame_stack, *frame_shape) of which only
+            the newest frame is stored; ``sample`` returns frames and ``stack_frames`` rebuilds
+            the stacks (Atari: 4).
         allocate: ``allocate(name, shape, dtype) -> ndarray`` used for every large array.
     Raises:
         ValueError: a negative or zero length, an overlap outside [0, sequence_length), a
@@ -180,6 +220,7 @@ class SequenceReplayBuffer:
         overlap: int,
         priority_exponent: float = 0.9,
         importance_sampling_exponent: float = 0.6,
+        frame_stack: int = 1,
         allocate: Callable[[str, tuple[int, ...], object], np.ndarray] = numpy_zeros,
     ):
         if num_streams < 1:
@@ -198,6 +239,10 @@ class SequenceReplayBuffer:
             raise ValueError(f"importance_sampling_exponent must be in [0, 1], got {importance_sampling_exponent}")
         if state_size < 0:
             raise ValueError(f"state_size must be >= 0, got {state_size}")
+        if frame_stack < 1 or (frame_stack > 1 and (len(obs_shape) < 2 or obs_shape[0] != frame_stack)):
+            raise ValueError(f"frame_stack {frame_stack} does not fit observations of shape {tuple(obs_shape)}")
+        self.frame_stack = frame_stack
+        self.history_length = frame_stack - 1  # frames needed before a window's first step
         self.num_streams = num_streams
         self.burn_in_length = burn_in_length
         self.sequence_length = sequence_length
@@ -206,10 +251,11 @@ class SequenceReplayBuffer:
         self.window_length = burn_in_length + sequence_length + n_step
         per_stream = capacity // num_streams
         self.capacity_per_stream = per_stream - per_stream % self.period
-        if self.capacity_per_stream < self.window_length:
+        if self.capacity_per_stream < self.window_length + self.history_length:
             raise ValueError(
                 f"capacity {capacity} over {num_streams} streams leaves {self.capacity_per_stream} steps per stream, "
                 f"smaller than one window of burn-in + sequence length + n-step = {self.window_length}"
+                + (f" plus {self.history_length} stacked frames" if self.history_length else "")
             )
         self.priority_exponent = priority_exponent
         self.importance_sampling_exponent = importance_sampling_exponent
@@ -219,7 +265,8 @@ class SequenceReplayBuffer:
         E, C = num_streams, self.capacity_per_stream
         self.slots_per_stream = C // self.period
         S = self.slots_per_stream
-        self.obs = allocate("obs", (E, C, *self.obs_shape), obs_dtype)
+        self.stored_obs_shape = self.obs_shape[1:] if frame_stack > 1 else self.obs_shape
+        self.obs = allocate("obs", (E, C, *self.stored_obs_shape), obs_dtype)
         self.action = allocate("action", (E, C), np.int64)
         self.reward = allocate("reward", (E, C), np.float32)
         self.first = allocate("first", (E, C), np.bool_)
@@ -276,19 +323,26 @@ class SequenceReplayBuffer:
         C, P, S = self.capacity_per_stream, self.period, self.slots_per_stream
         pos = step % C
 
-        starts = step % P == 0  # a new sequence starts here; it takes the slot of the one overwritten
+        # the sequence whose first needed step (window start − history) is about to be
+        # overwritten stops being sampleable; its slot goes to the sequence starting C steps later
+        ahead = step + self.history_length
+        expiring = (ahead % P == 0) & (ahead >= C)
+        if expiring.any():
+            e_streams, slot = streams[expiring], (ahead[expiring] // P) % S
+            self.sequence_id[e_streams, slot] = -1
+            self.tree.set(e_streams * S + slot, np.zeros(len(slot)))
+
+        starts = step % P == 0  # a new sequence starts here: keep what it needs to be replayed
         if starts.any():
             s_streams, s_step, s_first = streams[starts], step[starts], first[starts]
             slot = (s_step // P) % S
-            self.sequence_id[s_streams, slot] = -1
-            self.tree.set(s_streams * S + slot, np.zeros(len(slot)))
             self.stored_state[s_streams, slot] = np.asarray(state)[starts]
             has_prev = (s_step > 0) & ~s_first
             prev_pos = (s_step - 1) % C
             self.start_prev_action[s_streams, slot] = np.where(has_prev, self.action[s_streams, prev_pos], -1)
             self.start_prev_reward[s_streams, slot] = np.where(has_prev, self.reward[s_streams, prev_pos], 0.0)
 
-        self.obs[streams, pos] = obs
+        self.obs[streams, pos] = obs[:, -1] if self.frame_stack > 1 else obs
         self.action[streams, pos] = action
         self.reward[streams, pos] = reward
         self.first[streams, pos] = first
@@ -309,9 +363,10 @@ class SequenceReplayBuffer:
 
     # ------------------------------------------------------------------ sampling
     def window_positions(self, streams: np.ndarray, sequence_ids: np.ndarray) -> np.ndarray:
-        """Ring positions (B, W) of the windows of sequences ``sequence_ids`` (B,) of ``streams``."""
-        start = np.asarray(sequence_ids, dtype=np.int64) * self.period
-        return (start[:, None] + np.arange(self.window_length)) % self.capacity_per_stream
+        """Ring positions (B, h + W) of the windows of sequences ``sequence_ids`` (B,) of
+        ``streams``, preceded by the h = frame_stack − 1 frames their first stack needs."""
+        start = np.asarray(sequence_ids, dtype=np.int64) * self.period - self.history_length
+        return (start[:, None] + np.arange(self.history_length + self.window_length)) % self.capacity_per_stream
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> SequenceBatch:
         """Draw ``batch_size`` windows with P(i) ∝ p_i^α by stratified sampling (PER, App. B.2.1).
@@ -334,7 +389,9 @@ class SequenceReplayBuffer:
 
         streams, slots = np.divmod(leaves, self.slots_per_stream)
         sequence_ids = self.sequence_id[streams, slots]
-        pos = self.window_positions(streams, sequence_ids)  # (B, W)
+        h = self.history_length
+        pos_ext = self.window_positions(streams, sequence_ids)  # (B, h + W), frame history first
+        pos = pos_ext[:, h:]  # (B, W)
         rows = streams[:, None]
         action = self.action[rows, pos].T  # (W, B)
         reward = self.reward[rows, pos].T
@@ -345,7 +402,7 @@ class SequenceReplayBuffer:
         prev_reward[0] = self.start_prev_reward[streams, slots]
         prev_action[1:] = np.where(first[1:], -1, action[:-1])
         prev_reward[1:] = np.where(first[1:], 0.0, reward[:-1])
-        obs = self.obs[rows, pos]  # (B, W, *obs_shape)
+        obs = self.obs[rows, pos_ext]  # (B, h + W, *stored_obs_shape)
         return SequenceBatch(
             obs=np.ascontiguousarray(np.swapaxes(obs, 0, 1)),
             action=action,
@@ -360,6 +417,7 @@ class SequenceReplayBuffer:
             indices=leaves,
             sequence_ids=sequence_ids,
             probabilities=probabilities,
+            frame_first=self.first[rows, pos_ext].T if h else None,
         )
 
     def update_priorities(self, indices: np.ndarray, sequence_ids: np.ndarray, priorities: np.ndarray) -> None:

@@ -58,6 +58,7 @@ def test_atari_preprocessing_as_in_the_paper():
         assert env.action_space.n == 18  # full action set
         obs, _ = env.reset(seed=0)
         assert obs.shape == (4, 84, 84)
+        assert not obs[:3].any() and obs[3].any()  # zero frames before the episode start, as replay rebuilds
         ale_env = env.unwrapped
         assert ale_env._frameskip == 1  # skipping (4, max-pooled) happens in AtariPreprocessing
         preprocessing = env.env

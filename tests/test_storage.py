@@ -256,3 +256,59 @@ def test_sequence_priorities_match_brute_force():
 def test_images_stored_once_as_uint8():
     rb = SequenceReplayBuffer(2, 2 * 40, (4, 84, 84), np.uint8, 8, L, M, N, OVERLAP)
     assert rb.obs.dtype == np.uint8 and rb.obs.shape == (2, 40, 4, 84, 84)
+
+
+def test_frame_stacks_rebuilt_from_single_frames_equal_the_acted_stacks():
+    """Only newest frames are stored; stacks rebuilt at sampling time equal what the actor saw
+    (zero frames before an episode start), also after many wrap-arounds."""
+    import torch
+
+    from r2d2_algo.storage import stack_frames
+
+    rng = np.random.default_rng(9)
+    S, E = 4, 2
+    rb = SequenceReplayBuffer(E, E * 32, (S, 3, 3), np.uint8, 2, L, M, N, OVERLAP, frame_stack=S)
+    assert rb.obs.shape == (E, 32, 3, 3)  # single frames
+    acted = [[] for _ in range(E)]  # every stacked observation the actor acted on
+    stacks = np.zeros((E, S, 3, 3), dtype=np.uint8)
+    first = np.ones(E, dtype=bool)
+    for step in range(400):
+        frame = rng.integers(1, 255, (E, 3, 3), dtype=np.uint8)
+        stacks = np.where(first[:, None, None, None], 0, stacks)
+        stacks = np.concatenate([stacks[:, 1:], frame[:, None]], axis=1)
+        end = rng.random(E) < 0.15
+        rb.add(stacks, rng.integers(0, 3, E), np.zeros(E), first, end, np.zeros(E, bool), np.zeros((E, 2)))
+        for e in range(E):
+            acted[e].append(stacks[e].copy())
+        first = end
+        if step > 40 and step % 10 == 0:
+            batch = rb.sample(16, rng)
+            assert batch.obs.shape == (rb.history_length + rb.window_length, 16, 3, 3)
+            rebuilt = stack_frames(torch.as_tensor(batch.obs), torch.as_tensor(batch.frame_first), S).numpy()
+            streams = batch.indices // rb.slots_per_stream
+            written = rb.write_count[streams]
+            for b in range(16):
+                start = batch.sequence_ids[b] * rb.period
+                assert start - rb.history_length >= written[b] - rb.capacity_per_stream  # history intact
+                expected = np.stack(acted[streams[b]][start : start + rb.window_length])
+                np.testing.assert_array_equal(rebuilt[:, b], expected)
+
+
+def test_frame_stack_validity_accounts_for_history():
+    rb = SequenceReplayBuffer(1, 16, (4, 2, 2), np.uint8, 0, L, M, N, OVERLAP, frame_stack=4)
+    rng = np.random.default_rng(10)
+    for _ in range(100):
+        rb.add(rng.integers(0, 255, (1, 4, 2, 2), dtype=np.uint8), [0], [0.0], [False], [False], [False],
+               np.zeros((1, 0)))
+        written = int(rb.write_count[0])
+        expected = {k for k in range(written // rb.period + 1)
+                    if k * rb.period + rb.window_length <= written
+                    and k * rb.period - 3 >= written - rb.capacity_per_stream}
+        assert {int(k) for k in rb.sequence_id[0] if k >= 0} == expected
+
+
+def test_frame_stack_must_fit_the_observation():
+    with pytest.raises(ValueError, match="frame_stack 4 does not fit"):
+        SequenceReplayBuffer(1, 64, (3, 84, 84), np.uint8, 0, L, M, N, OVERLAP, frame_stack=4)
+    with pytest.raises(ValueError, match="plus 3 stacked frames"):
+        SequenceReplayBuffer(1, 12, (4, 84, 84), np.uint8, 0, L, M, N, OVERLAP, frame_stack=4)
