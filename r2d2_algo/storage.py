@@ -125,7 +125,8 @@ class SequenceBatch:
         initial_state: (B, state_size) float32, the stored recurrent state entering step 0.
         weights: (B,) float32, importance weights (N·P(i))^−β / max over the batch.
         indices: (B,) int64, leaf indices for ``update_priorities``.
-        sequence_ids: (B,) int64, which sequence of its stream each window is (k).
+        sequence_ids: (B,) int64, which sequence of its stream each window is (k); -1 for a
+            window overwritten while it was read (its weight is 0 too).
         probabilities: (B,) float64, sampling probabilities P(i).
         frame_first: with frame stacking, (h + W, B) bool ``first`` flags of the frames in obs.
     """
@@ -199,7 +200,13 @@ class SequenceReplayBuffer:
         frame_stack: if > 1, observations are stacks (frame_stack, *frame_shape) of which only
             the newest frame is stored; ``sample`` returns frames and ``stack_frames`` rebuilds
             the stacks (Atari: 4).
-        allocate: ``allocate(name, shape, dtype) -> ndarray`` used for every large array.
+        overwrite_margin: a window stops being sampleable this many steps before its first
+            needed step is overwritten (0 in one process; > 0 when actors write while the
+            learner samples, so that a window is not overwritten while it is being read).
+        index: keep the sampling index (sequence ids, sum tree). True for the single process
+            and for the learner; False for an actor that only writes steps (r2d2_mp.py).
+        allocate: ``allocate(name, shape, dtype) -> ndarray`` used for every array that
+            writers and the learner share (a shared-memory allocator in r2d2_mp.py).
     Raises:
         ValueError: a negative or zero length, an overlap outside [0, sequence_length), a
             per-stream capacity smaller than one window, exponents out of range.
@@ -221,6 +228,8 @@ class SequenceReplayBuffer:
         priority_exponent: float = 0.9,
         importance_sampling_exponent: float = 0.6,
         frame_stack: int = 1,
+        overwrite_margin: int = 0,
+        index: bool = True,
         allocate: Callable[[str, tuple[int, ...], object], np.ndarray] = numpy_zeros,
     ):
         if num_streams < 1:
@@ -243,6 +252,9 @@ class SequenceReplayBuffer:
             raise ValueError(f"frame_stack {frame_stack} does not fit observations of shape {tuple(obs_shape)}")
         self.frame_stack = frame_stack
         self.history_length = frame_stack - 1  # frames needed before a window's first step
+        if overwrite_margin < 0:
+            raise ValueError(f"overwrite_margin must be >= 0, got {overwrite_margin}")
+        self.overwrite_margin = overwrite_margin
         self.num_streams = num_streams
         self.burn_in_length = burn_in_length
         self.sequence_length = sequence_length
@@ -251,11 +263,12 @@ class SequenceReplayBuffer:
         self.window_length = burn_in_length + sequence_length + n_step
         per_stream = capacity // num_streams
         self.capacity_per_stream = per_stream - per_stream % self.period
-        if self.capacity_per_stream < self.window_length + self.history_length:
+        if self.capacity_per_stream < self.window_length + self.history_length + overwrite_margin:
             raise ValueError(
                 f"capacity {capacity} over {num_streams} streams leaves {self.capacity_per_stream} steps per stream, "
                 f"smaller than one window of burn-in + sequence length + n-step = {self.window_length}"
                 + (f" plus {self.history_length} stacked frames" if self.history_length else "")
+                + (f" plus an overwrite margin of {overwrite_margin}" if overwrite_margin else "")
             )
         self.priority_exponent = priority_exponent
         self.importance_sampling_exponent = importance_sampling_exponent
@@ -275,13 +288,15 @@ class SequenceReplayBuffer:
         self.stored_state = allocate("stored_state", (E, S, state_size), np.float32)
         self.start_prev_action = allocate("start_prev_action", (E, S), np.int64)
         self.start_prev_reward = allocate("start_prev_reward", (E, S), np.float32)
-        # which sequence k a slot holds once complete; -1 while incomplete or overwritten
-        self.sequence_id = allocate("sequence_id", (E, S), np.int64)
-        self.sequence_id[:] = -1
-        self.write_count = allocate("write_count", (E,), np.int64)  # steps written per stream
-        self.tree = SumTree(E * S)
-        self.max_priority = 1.0
-        self.num_sequences_added = 0
+        self.write_count = allocate("write_count", (E,), np.int64)  # steps written per stream (by its writer)
+        self.index = index
+        if index:  # the sampling index is private to the process that samples
+            # which sequence k a slot holds while it is sampleable; -1 otherwise
+            self.sequence_id = np.full((E, S), -1, dtype=np.int64)
+            self.indexed_count = np.zeros(E, dtype=np.int64)  # write_count the index reflects
+            self.tree = SumTree(E * S)
+            self.max_priority = 1.0
+            self.num_sequences_added = 0
 
     # ------------------------------------------------------------------ writing
     @property
@@ -323,15 +338,6 @@ class SequenceReplayBuffer:
         C, P, S = self.capacity_per_stream, self.period, self.slots_per_stream
         pos = step % C
 
-        # the sequence whose first needed step (window start − history) is about to be
-        # overwritten stops being sampleable; its slot goes to the sequence starting C steps later
-        ahead = step + self.history_length
-        expiring = (ahead % P == 0) & (ahead >= C)
-        if expiring.any():
-            e_streams, slot = streams[expiring], (ahead[expiring] // P) % S
-            self.sequence_id[e_streams, slot] = -1
-            self.tree.set(e_streams * S + slot, np.zeros(len(slot)))
-
         starts = step % P == 0  # a new sequence starts here: keep what it needs to be replayed
         if starts.any():
             s_streams, s_step, s_first = streams[starts], step[starts], first[starts]
@@ -348,18 +354,47 @@ class SequenceReplayBuffer:
         self.first[streams, pos] = first
         self.terminated[streams, pos] = terminated
         self.truncated[streams, pos] = truncated
-        step = step + 1
-        self.write_count[streams] = step
+        self.write_count[streams] = step + 1  # published last: the step is complete
+        if self.index:
+            self.sync(streams)
 
-        done_k = step - self.window_length  # sequence k is complete when its last step is written
-        complete = (done_k >= 0) & (done_k % P == 0)
-        if complete.any():
-            c_streams, k = streams[complete], done_k[complete] // P
-            slot = k % S
-            self.sequence_id[c_streams, slot] = k
-            # new sequences enter at the running maximum priority (PER, Alg. 1)
-            self.tree.set(c_streams * S + slot, np.full(len(k), self.max_priority**self.priority_exponent))
-            self.num_sequences_added += len(k)
+    def sampleable_range(self, written: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences k_lo <= k <= k_hi are sampleable when a stream has ``written`` steps:
+        whole window written (kP + W <= written) and its first needed step, window start −
+        history, more than ``overwrite_margin`` steps away from being overwritten."""
+        P, C = self.period, self.capacity_per_stream
+        k_hi = (written - self.window_length) // P
+        k_lo = -((-(written - C + self.history_length + self.overwrite_margin)) // P)  # ceil division
+        return np.maximum(k_lo, 0), k_hi
+
+    def sync(self, streams: np.ndarray | None = None) -> None:
+        """Bring the sampling index up to the streams' write counts: sequences that became
+        complete enter with the running maximum priority (PER, Alg. 1); sequences that are
+        about to be overwritten leave (priority 0)."""
+        streams = np.arange(self.num_streams) if streams is None else np.asarray(streams)
+        written = self.write_count[streams].copy()
+        old_lo, old_hi = self.sampleable_range(self.indexed_count[streams])
+        new_lo, new_hi = self.sampleable_range(written)
+        S = self.slots_per_stream
+        leaves_out, leaves_in = [], []
+        for e, o_lo, o_hi, n_lo, n_hi in zip(streams, old_lo, old_hi, new_lo, new_hi):
+            if n_lo > o_lo:  # left the range: slot still holds k unless a later k took it
+                k = np.arange(o_lo, min(n_lo, o_hi + 1))
+                k = k[self.sequence_id[e, k % S] == k]
+                self.sequence_id[e, k % S] = -1
+                leaves_out.append(e * S + k % S)
+            if n_hi > o_hi:  # entered the range
+                k = np.arange(max(o_hi + 1, n_lo), n_hi + 1)
+                self.sequence_id[e, k % S] = k
+                leaves_in.append(e * S + k % S)
+        self.indexed_count[streams] = written
+        if leaves_out:
+            out = np.concatenate(leaves_out)
+            self.tree.set(out, np.zeros(len(out)))
+        if leaves_in:
+            entering = np.concatenate(leaves_in)
+            self.tree.set(entering, np.full(len(entering), self.max_priority**self.priority_exponent))
+            self.num_sequences_added += len(entering)
 
     # ------------------------------------------------------------------ sampling
     def window_positions(self, streams: np.ndarray, sequence_ids: np.ndarray) -> np.ndarray:
@@ -403,6 +438,14 @@ class SequenceReplayBuffer:
         prev_action[1:] = np.where(first[1:], -1, action[:-1])
         prev_reward[1:] = np.where(first[1:], 0.0, reward[:-1])
         obs = self.obs[rows, pos_ext]  # (B, h + W, *stored_obs_shape)
+        frame_first = self.first[rows, pos_ext].T if h else None
+        initial_state = self.stored_state[streams, slots]
+        # a writer in another process may have overwritten a window while it was copied
+        # (only possible within overwrite_margin steps): such windows are dropped from the loss
+        intact = sequence_ids * self.period - h >= self.write_count[streams] - self.capacity_per_stream
+        if not intact.all():
+            weights = np.where(intact, weights, 0.0).astype(np.float32)
+            sequence_ids = np.where(intact, sequence_ids, -1)
         return SequenceBatch(
             obs=np.ascontiguousarray(np.swapaxes(obs, 0, 1)),
             action=action,
@@ -412,12 +455,12 @@ class SequenceReplayBuffer:
             truncated=self.truncated[rows, pos].T,
             prev_action=prev_action,
             prev_reward=prev_reward,
-            initial_state=self.stored_state[streams, slots],
+            initial_state=initial_state,
             weights=weights,
             indices=leaves,
             sequence_ids=sequence_ids,
             probabilities=probabilities,
-            frame_first=self.first[rows, pos_ext].T if h else None,
+            frame_first=frame_first,
         )
 
     def update_priorities(self, indices: np.ndarray, sequence_ids: np.ndarray, priorities: np.ndarray) -> None:
@@ -431,7 +474,8 @@ class SequenceReplayBuffer:
         if not np.all(np.isfinite(priorities)) or np.any(priorities < 0):
             raise ValueError("priorities must be finite and >= 0")
         streams, slots = np.divmod(np.asarray(indices), self.slots_per_stream)
-        current = self.sequence_id[streams, slots] == np.asarray(sequence_ids)
+        sequence_ids = np.asarray(sequence_ids)
+        current = (sequence_ids >= 0) & (self.sequence_id[streams, slots] == sequence_ids)
         if not current.any():
             return
         p = priorities[current] + self.PRIORITY_EPSILON

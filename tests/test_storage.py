@@ -82,20 +82,23 @@ def test_windows_equal_reference_after_many_wraparounds(streams_per_call):
 
 
 def valid_reference(rb):
-    """Brute force: sequences whose whole window is written and not yet overwritten."""
+    """Brute force: sequences whose whole window is written and whose first needed step is
+    more than overwrite_margin steps from being overwritten."""
     valid = set()
     for e in range(rb.num_streams):
         written = int(rb.write_count[e])
         for k in range(written // rb.period + 1):
             start = k * rb.period
-            if start + rb.window_length <= written and start >= written - rb.capacity_per_stream:
+            oldest_kept = written - rb.capacity_per_stream + rb.overwrite_margin
+            if start + rb.window_length <= written and start - rb.history_length >= oldest_kept:
                 valid.add((e, k))
     return valid
 
 
-def test_validity_at_the_write_head_after_every_step():
+@pytest.mark.parametrize("margin", [0, 3, 9])
+def test_validity_at_the_write_head_after_every_step(margin):
     rng = np.random.default_rng(1)
-    rb = make_buffer()
+    rb = make_buffer(overwrite_margin=margin, capacity=3 * 24)
     ref = Reference(rb.num_streams)
     for _ in range(150):
         fill(rb, ref, 1, rng, streams_per_call=2)
@@ -104,6 +107,47 @@ def test_validity_at_the_write_head_after_every_step():
         assert got == valid_reference(rb)
         leaves = rb.tree.get(np.arange(rb.num_streams * rb.slots_per_stream)).reshape(ids.shape)
         np.testing.assert_array_equal(leaves > 0, ids >= 0)  # only valid sequences can be drawn
+
+
+def test_learner_index_follows_a_separate_writer_in_bulk():
+    """A writer without index (an actor) shares the arrays; the learner's sync, however late,
+    gives the same sampleable set as brute force."""
+    rng = np.random.default_rng(11)
+    learner = make_buffer(overwrite_margin=4)
+    shared = {"obs": learner.obs, "action": learner.action, "reward": learner.reward, "first": learner.first,
+              "terminated": learner.terminated, "truncated": learner.truncated,
+              "stored_state": learner.stored_state, "start_prev_action": learner.start_prev_action,
+              "start_prev_reward": learner.start_prev_reward, "write_count": learner.write_count}
+    writer = make_buffer(overwrite_margin=4, index=False, allocate=lambda name, shape, dtype: shared[name])
+    ref = Reference(learner.num_streams)
+    for burst in [1, 2, 5, 13, 30, 1, 70, 3]:
+        fill(writer, ref, burst, rng, streams_per_call=2)
+        learner.sync()
+        got = {(e, int(k)) for e in range(learner.num_streams) for k in learner.sequence_id[e] if k >= 0}
+        assert got == valid_reference(learner)
+        if not got:
+            continue
+        batch = learner.sample(16, rng)
+        streams = batch.indices // learner.slots_per_stream
+        for b in range(16):
+            check_window(learner, ref, batch, b, streams[b])
+
+
+def test_window_overwritten_while_sampled_is_dropped():
+    rng = np.random.default_rng(12)
+    learner = make_buffer(num_streams=1, capacity=24)
+    shared = {name: getattr(learner, name) for name in ["obs", "action", "reward", "first", "terminated",
+              "truncated", "stored_state", "start_prev_action", "start_prev_reward", "write_count"]}
+    writer = make_buffer(num_streams=1, capacity=24, index=False, allocate=lambda name, shape, dtype: shared[name])
+    ref = Reference(1)
+    fill(writer, ref, 40, rng)
+    learner.sync()
+    fill(writer, ref, 24, rng)  # the writer laps the ring before the learner syncs again
+    batch = learner.sample(8, rng)
+    assert np.all(batch.weights == 0) and np.all(batch.sequence_ids == -1)
+    before = learner.tree.get(batch.indices).copy()
+    learner.update_priorities(batch.indices, batch.sequence_ids, np.full(8, 50.0))
+    np.testing.assert_array_equal(learner.tree.get(batch.indices), before)  # no update for them
 
 
 def test_never_samples_a_window_partly_overwritten():
@@ -202,6 +246,8 @@ def test_sample_from_empty_buffer_raises():
         (dict(num_streams=0), "num_streams"),
         (dict(priority_exponent=1.5), "priority_exponent"),
         (dict(importance_sampling_exponent=-0.1), "importance_sampling_exponent"),
+        (dict(overwrite_margin=-1), "overwrite_margin"),
+        (dict(capacity=3 * 12, overwrite_margin=4), "plus an overwrite margin of 4"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
