@@ -298,6 +298,19 @@ class SequenceReplayBuffer:
             self.max_priority = 1.0
             self.num_sequences_added = 0
 
+    @classmethod
+    def shared_nbytes(cls, **kwargs) -> int:
+        """Bytes of the arrays a buffer with these arguments allocates through ``allocate``
+        (everything writers and the learner share), without allocating them."""
+        sizes = []
+
+        def measure(name, shape, dtype):
+            sizes.append(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+            return np.empty((0,) * len(shape), dtype=dtype)
+
+        cls(**{**kwargs, "index": False, "allocate": measure})
+        return sum(sizes)
+
     # ------------------------------------------------------------------ writing
     @property
     def num_valid_sequences(self) -> int:

@@ -1,0 +1,517 @@
+"""R2D2 on one machine: actor processes feed one learner through shared memory.
+
+    python r2d2_algo/r2d2_mp.py --env-id PongNoFrameskip-v4
+
+Processes and the shared memory between them (all created by the learner, see create_shared_memory):
+
+    actor 0 ─┐  envs + CPU copy of the network; writes steps straight into the replay's
+    actor 1 ─┼─► shared arrays (obs, action, reward, flags, stored state, write counts)
+      ...    │   and reads the weights the learner publishes (every --actor-update-interval)
+    actor N ─┘
+                 learner (main process, GPU when available)
+                   prefetch thread: syncs the replay index with the actors' write counts,
+                                    samples prioritized windows, applies priority updates
+                   main thread:     burn-in, n-step double-Q loss, Adam, target copies,
+                                    publishes weights with a version number, logs
+
+The loss and its maths are r2d2.py's (``r2d2_loss``); replay and network are storage.py's and
+model.py's. Defaults are the paper's Atari values (R2D2_SPEC.md, Table 2) except the replay
+capacity, scaled to a workstation. A run that stops for any reason (end, Ctrl-C, SIGTERM, an
+exception in the learner, an actor that dies) stops its actors within seconds and unlinks
+its shared memory; a dead actor is reported by name with its traceback and the run stops.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the heavy imports below load: nothing to clean, leave quietly
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import os
+import queue
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+import tyro
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.tensorboard import SummaryWriter
+
+from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
+from r2d2_algo.evaluate import evaluate
+from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.r2d2 import batch_to_torch, r2d2_loss
+from r2d2_algo.shared import SharedArrays, available_memory_bytes
+from r2d2_algo.storage import SequenceReplayBuffer
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (envs, networks, replay sampling, exploration)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and CUDA is available, the learner runs on the GPU"""
+    save_model: bool = False
+    """whether to save the model to `saved_models/{run_name}/model.pt` at the end"""
+
+    # Environment and actors
+    env_id: str = "PongNoFrameskip-v4"
+    """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
+    total_timesteps: int = 10_000_000
+    """total environment steps (summed over all actors' envs)"""
+    num_actors: int = max(1, (os.cpu_count() or 2) - 1)
+    """actor processes (default: the cores left after the learner)"""
+    num_envs_per_actor: int = 4
+    """environments per actor, stepped together with one batched forward pass"""
+    actor_update_interval: int = 400
+    """environment steps (per env) between an actor's weight refreshes (paper: 400)"""
+    epsilon_base: float = 0.4
+    """ε ladder base over all envs: ε_i = base^(1 + alpha·i/(N−1)) (Ape-X, Sec. 4.1)"""
+    epsilon_alpha: float = 7.0
+    """ε ladder exponent range (Ape-X, Sec. 4.1)"""
+
+    # Network
+    rnn_type: Literal["lstm", "gru", "none"] = "lstm"
+    """recurrent core: lstm (paper), gru, or none (feed-forward ablation: n-step double DQN)"""
+    hidden_size: int = 512
+    """width of the recurrent core (paper: 512)"""
+    torso_size: int = 512
+    """width of the torso output (paper: 512)"""
+    head_hidden_size: int = 512
+    """hidden width of each dueling stream (paper: 512)"""
+
+    # Replay
+    buffer_size: int = 1_000_000
+    """replay capacity in observations (paper: 4,000,000; scale to fit RAM: an Atari step takes ~7 KB)"""
+    burn_in_length: int = 40
+    """burn-in steps l unrolled from the stored state without gradient (paper: 40)"""
+    sequence_length: int = 80
+    """trained steps m per sequence (paper: 80)"""
+    overlap: int = 40
+    """steps shared by consecutive sequences; a new one starts every m − overlap steps (paper: 40)"""
+    priority_exponent: float = 0.9
+    """α: sampling probability ∝ priority^α (paper: 0.9)"""
+    importance_sampling_exponent: float = 0.6
+    """β: importance weights (N·P(i))^−β (paper: 0.6)"""
+    priority_eta: float = 0.9
+    """η: sequence priority = η·max|δ| + (1−η)·mean|δ| (paper: 0.9)"""
+
+    # Learner
+    learning_rate: float = 1e-4
+    """Adam learning rate (paper: 1e-4)"""
+    adam_eps: float = 1e-3
+    """Adam epsilon (paper: 1e-3)"""
+    batch_size: int = 64
+    """sequences per minibatch (paper: 64)"""
+    gamma: float = 0.997
+    """discount γ (paper: 0.997)"""
+    n_step: int = 5
+    """n of the n-step double-Q target (paper: 5)"""
+    value_rescaling_epsilon: float = 1e-3
+    """ε of the value rescaling h(x) = sign(x)(√(|x|+1) − 1) + εx (paper: 1e-3)"""
+    target_network_update_period: int = 2500
+    """learner updates between hard target-network copies (paper: 2500)"""
+    max_grad_norm: float = 40.0
+    """gradient norm clip (Ape-X: 40)"""
+    learning_starts: int = 10_000
+    """environment steps before learning starts"""
+    replay_ratio: float = 1.0
+    """most trained observations sampled per observation added (B·m per update ÷ env steps); the learner waits above it"""
+
+    # Evaluation and logging
+    eval_interval: int = 0
+    """environment steps between greedy evaluations (0: only at the end)"""
+    eval_episodes: int = 10
+    """episodes per greedy evaluation (0: no evaluation)"""
+    log_interval: float = 10.0
+    """seconds between scalar logs"""
+
+
+class StopRun(Exception):
+    """Raised in the learner to stop the run cleanly (SIGTERM, a dead actor)."""
+
+
+# PROCESS PLUMBING: the shared-memory layout, declared in one place
+def replay_arguments(args: Args, observation_space, state_size: int, frame_stack: int) -> dict:
+    """Constructor arguments of the shared replay, the same in the learner and every actor."""
+    return dict(
+        num_streams=args.num_actors * args.num_envs_per_actor, capacity=args.buffer_size,
+        obs_shape=observation_space.shape, obs_dtype=observation_space.dtype, state_size=state_size,
+        burn_in_length=args.burn_in_length, sequence_length=args.sequence_length, n_step=args.n_step,
+        overlap=args.overlap, priority_exponent=args.priority_exponent,
+        importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack,
+        # a window leaves the sampling index this many steps before it can be overwritten, so
+        # the prefetch thread does not copy a window an actor is writing (storage.py re-checks)
+        overwrite_margin=2 * args.sequence_length,
+    )
+
+
+def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: int, num_actors: int):
+    """Every segment of a run (learner side). Returns the learner's indexed replay.
+
+    replay:   obs, action, reward, first, terminated, truncated (per env stream and step),
+              stored_state, start_prev_action, start_prev_reward (per sequence), write_count
+    weights:  the learner's parameters as one float32 vector, and weights_version (its update count)
+    counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
+    """
+    replay = SequenceReplayBuffer(**replay_kwargs, index=True, allocate=arrays.allocate)
+    arrays.allocate("weights", (num_params,), np.float32)
+    arrays.allocate("weights_version", (1,), np.int64)
+    arrays.allocate("actor_steps", (num_actors,), np.int64)
+    arrays.allocate("actor_weights_version", (num_actors,), np.int64)
+    return replay
+
+
+def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
+    return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
+                       args.head_hidden_size)
+
+
+# ACTOR PROCESS
+def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_lock, stop_event,
+                  episode_queue, error_queue, observation_space, n_actions: int, parent_pid: int) -> None:
+    """Step ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the network and
+    write every step to the shared replay. Env j of this actor is stream / ε rung
+    actor_id · num_envs_per_actor + j."""
+    torch.set_num_threads(1)
+    arrays = SharedArrays.attach(layout)
+    envs = None
+    try:
+        E = args.num_envs_per_actor
+        streams = actor_id * E + np.arange(E)
+        epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[streams]
+        net = make_network(args, observation_space, n_actions)
+        replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
+        weights, version = arrays["weights"], arrays["weights_version"]
+        rng = np.random.default_rng(args.seed + 1000 * (actor_id + 1))
+        torch.manual_seed(args.seed + 1000 * (actor_id + 1))
+        envs = make_vector_env(args.env_id, E, args.seed + 1000 * (actor_id + 1))
+
+        def refresh_weights() -> None:
+            with weights_lock:
+                vector_to_parameters(torch.from_numpy(weights.copy()), net.parameters())
+                arrays["actor_weights_version"][actor_id] = version[0]
+
+        refresh_weights()
+        obs, _ = envs.reset(seed=args.seed + 1000 * (actor_id + 1))
+        state = net.initial_state(E)
+        prev_action = np.full(E, -1, dtype=np.int64)
+        prev_reward = np.zeros(E, dtype=np.float32)
+        first = np.ones(E, dtype=bool)
+        obs_terminated = np.zeros(E, dtype=bool)
+        obs_truncated = np.zeros(E, dtype=bool)
+        steps = 0
+        while not stop_event.is_set():
+            if os.getppid() != parent_pid:
+                return  # the learner is gone: nobody will read what we write
+            with torch.no_grad():
+                q, next_state = net(torch.as_tensor(obs).unsqueeze(0), torch.as_tensor(prev_action).unsqueeze(0),
+                                    torch.as_tensor(prev_reward).unsqueeze(0), torch.as_tensor(first).unsqueeze(0),
+                                    state)
+            greedy = q[0].argmax(dim=-1).numpy()
+            action = np.where(rng.random(E) < epsilons, rng.integers(0, n_actions, E), greedy)
+            next_obs, reward, terminated, truncated, infos = envs.step(action)
+            replay.add(obs, action, reward, first, obs_terminated, obs_truncated, state.numpy(), streams=streams)
+            first = obs_terminated | obs_truncated
+            prev_action = np.where(first, -1, action)
+            prev_reward = np.where(first, 0.0, reward).astype(np.float32)
+            obs, obs_terminated, obs_truncated, state = next_obs, terminated, truncated, next_state
+            steps += 1
+            arrays["actor_steps"][actor_id] = steps * E
+            if "episode" in infos:
+                for i in np.flatnonzero(infos["_episode"]):
+                    episode_queue.put((actor_id, float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])))
+            if steps % args.actor_update_interval == 0 and version[0] != arrays["actor_weights_version"][actor_id]:
+                refresh_weights()
+    except Exception:
+        error_queue.put((f"actor-{actor_id}", traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        if envs is not None:
+            envs.close()
+        arrays.close()
+
+
+# LEARNER: prefetch thread
+class Prefetcher(threading.Thread):
+    """Owns the replay's sampling index: syncs it with the actors' write counts, samples the
+    next batches ahead of the learner (queue of ``depth``), applies priority updates."""
+
+    def __init__(self, replay: SequenceReplayBuffer, batch_size: int, seed: int, depth: int = 2):
+        super().__init__(name="prefetch", daemon=True)
+        self.replay, self.batch_size = replay, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.batches: queue.Queue = queue.Queue(maxsize=depth)
+        self.priority_updates: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def apply_priority_updates(self) -> None:
+        while True:
+            try:
+                self.replay.update_priorities(*self.priority_updates.get_nowait())
+            except queue.Empty:
+                return
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.apply_priority_updates()
+                self.replay.sync()
+                if self.replay.num_valid_sequences == 0:
+                    time.sleep(0.01)
+                    continue
+                batch = self.replay.sample(self.batch_size, self.rng)
+                while not self.stop.is_set():
+                    try:
+                        self.batches.put(batch, timeout=0.05)
+                        break
+                    except queue.Full:
+                        self.apply_priority_updates()
+        except BaseException as e:  # handed to the learner, which stops the run
+            self.error = e
+
+
+def check_args(args: Args) -> None:
+    """Refuse inconsistent arguments with a one-line ValueError, before anything is created."""
+    for name in ["total_timesteps", "num_actors", "num_envs_per_actor", "actor_update_interval", "hidden_size",
+                 "torso_size", "head_hidden_size", "buffer_size", "sequence_length", "batch_size", "n_step",
+                 "target_network_update_period"]:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.replay_ratio <= 0 or args.log_interval <= 0:
+        raise ValueError("--learning-rate, --replay-ratio and --log-interval must be > 0")
+
+
+def main(args: Args) -> int:
+    try:
+        check_args(args)
+        observation_space, n_actions = check_env_id(args.env_id)
+        frame_stack = frame_stack_of(args.env_id)
+    except ValueError as e:
+        raise SystemExit(f"r2d2_mp.py: error: {e}") from None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
+    q_network = make_network(args, observation_space, n_actions).to(device)
+    target_network = make_network(args, observation_space, n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    num_params = parameters_to_vector(q_network.parameters()).numel()
+
+    replay_kwargs = replay_arguments(args, observation_space, q_network.state_size, frame_stack)
+    try:
+        replay_bytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
+    except ValueError as e:
+        raise SystemExit(f"r2d2_mp.py: error: {e}") from None
+    free = available_memory_bytes()
+    if replay_bytes > 0.9 * free:
+        raise SystemExit(f"r2d2_mp.py: error: a replay of {args.buffer_size:,} observations needs "
+                         f"{replay_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is free; "
+                         f"lower --buffer-size")
+
+    run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    ctx = mp.get_context("spawn")
+    arrays = SharedArrays()
+    stop_event = ctx.Event()
+    weights_lock = ctx.Lock()
+    episode_queue, error_queue = ctx.Queue(), ctx.Queue()
+    actors: list = []
+    prefetcher = None
+    writer = None
+
+    def on_sigterm(signum, frame):
+        raise StopRun("SIGTERM")
+
+    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    exit_code = 0
+    try:
+        replay = create_shared_memory(arrays, replay_kwargs, num_params, args.num_actors)
+        weights, version = arrays["weights"], arrays["weights_version"]
+
+        def publish_weights(updates: int) -> None:
+            with weights_lock:
+                weights[:] = parameters_to_vector(q_network.parameters()).detach().cpu().numpy()
+                version[0] = updates
+
+        publish_weights(0)
+        print(f"run {run_name}: {parameter_count(q_network):,} parameters, learner on {device}, "
+              f"{args.num_actors} actors × {args.num_envs_per_actor} envs, replay {args.buffer_size:,} observations "
+              f"= {replay_bytes / 2**30:.2f} GiB in shared memory", flush=True)
+        # actors start with SIGINT ignored (inherited through exec, before Python even loads):
+        # Ctrl-C in a terminal reaches the whole group, and only the learner must act on it
+        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for actor_id in range(args.num_actors):
+                p = ctx.Process(target=actor_process, name=f"actor-{actor_id}", daemon=True,
+                                args=(actor_id, args, arrays.layout, replay_kwargs, weights_lock, stop_event,
+                                      episode_queue, error_queue, observation_space, n_actions, os.getpid()))
+                p.start()
+                actors.append(p)
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
+
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        prefetcher = Prefetcher(replay, args.batch_size, args.seed)
+        prefetcher.start()
+
+        actor_steps = arrays["actor_steps"][: args.num_actors]
+        start_time = last_log_time = time.time()
+        last = {"steps": np.zeros(args.num_actors, dtype=np.int64), "updates": 0, "added": 0}
+        updates, sample_wait, recent_returns = 0, 0.0, deque(maxlen=20)
+        trained_per_update = args.batch_size * args.sequence_length
+        next_eval = args.eval_interval if args.eval_interval > 0 else None
+        global_step = 0
+        stats = {}
+        while global_step < args.total_timesteps:
+            for p in actors:  # a dead actor stops the run
+                if p.exitcode is not None:
+                    try:
+                        name, trace = error_queue.get(timeout=2.0)
+                    except queue.Empty:
+                        name, trace = p.name, f"exit code {p.exitcode} (no traceback: killed by a signal?)"
+                    raise StopRun(f"{name} died:\n{trace}")
+            if prefetcher.error is not None:
+                raise prefetcher.error
+            while not episode_queue.empty():
+                actor_id, episodic_return, episodic_length = episode_queue.get_nowait()
+                recent_returns.append(episodic_return)
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+
+            global_step = int(actor_steps.sum())
+            # ALGO LOGIC: train while the replay ratio allows, else let the actors catch up
+            learning = global_step >= args.learning_starts
+            if learning and updates * trained_per_update <= args.replay_ratio * (global_step - args.learning_starts):
+                t0 = time.time()
+                batch = prefetcher.batches.get()
+                sample_wait += time.time() - t0
+                loss, priorities, stats = r2d2_loss(
+                    q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
+                    args.sequence_length, args.gamma, args.n_step, args.value_rescaling_epsilon, args.priority_eta,
+                )
+                optimizer.zero_grad()
+                loss.backward()
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm))
+                optimizer.step()
+                prefetcher.priority_updates.put((batch.indices, batch.sequence_ids, priorities))
+                updates += 1
+                if updates % args.target_network_update_period == 0:
+                    target_network.load_state_dict(q_network.state_dict())
+                publish_weights(updates)
+            else:
+                time.sleep(0.005)
+
+            now = time.time()
+            if now - last_log_time >= args.log_interval:
+                dt = now - last_log_time
+                steps = actor_steps.copy()
+                global_step = int(steps.sum())
+                added = replay.num_sequences_added
+                writer.add_scalar("charts/SPS", (steps - last["steps"]).sum() / dt, global_step)
+                for actor_id in range(args.num_actors):
+                    writer.add_scalar(f"actors/SPS_actor_{actor_id}", (steps[actor_id] - last["steps"][actor_id]) / dt,
+                                      global_step)
+                writer.add_scalar("charts/updates_per_second", (updates - last["updates"]) / dt, global_step)
+                writer.add_scalar("charts/learner_updates", updates, global_step)
+                writer.add_scalar("replay/size", replay.size, global_step)
+                writer.add_scalar("replay/sequences_added_per_second", (added - last["added"]) / dt, global_step)
+                writer.add_scalar("replay/sequences_sampled_per_second",
+                                  (updates - last["updates"]) * args.batch_size / dt, global_step)
+                writer.add_scalar("replay/replay_ratio", updates * trained_per_update / max(global_step, 1),
+                                  global_step)
+                writer.add_scalar("replay/max_priority", replay.max_priority, global_step)
+                lag = updates - arrays["actor_weights_version"][: args.num_actors]
+                writer.add_scalar("charts/parameter_lag", float(lag.mean()), global_step)
+                writer.add_scalar("charts/sample_wait_seconds", sample_wait, global_step)
+                if stats:
+                    writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
+                    writer.add_scalar("losses/q_values", stats["q_values"], global_step)
+                    writer.add_scalar("losses/grad_norm", stats["grad_norm"], global_step)
+                mean_return = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:,}: SPS {(steps - last['steps']).sum() / dt:.0f}, updates {updates:,} "
+                      f"({(updates - last['updates']) / dt:.1f}/s), return {mean_return:.1f}, "
+                      f"replay {replay.size:,}, lag {lag.mean():.0f}, sample wait {sample_wait:.1f}s", flush=True)
+                last.update(steps=steps, updates=updates, added=added)
+                last_log_time, sample_wait = now, 0.0
+
+            if next_eval is not None and global_step >= next_eval and args.eval_episodes > 0:
+                log_evaluation(writer, q_network, args, device, global_step, start_time)
+                next_eval += args.eval_interval
+
+        if args.eval_episodes > 0:
+            log_evaluation(writer, q_network, args, device, global_step, start_time)
+        if args.save_model:
+            model_path = f"saved_models/{run_name}/model.pt"
+            os.makedirs(os.path.dirname(model_path), exist_ok=True)
+            torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
+            print(f"model saved to {model_path}")
+    except (StopRun, KeyboardInterrupt) as e:
+        reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e)
+        print(f"r2d2_mp.py: stopping: {reason}", file=sys.stderr, flush=True)
+        exit_code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # no second interruption of the clean-up
+        stop_event.set()
+        if prefetcher is not None:
+            prefetcher.stop.set()
+            prefetcher.join(timeout=5)
+        deadline = time.time() + 5
+        for p in actors:
+            p.join(timeout=max(0.0, deadline - time.time()))
+        for p in actors:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2)
+        for q in (episode_queue, error_queue):
+            q.cancel_join_thread()
+            q.close()
+        if writer is not None:
+            writer.close()
+        arrays.close()
+        arrays.unlink()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    return exit_code
+
+
+@torch.no_grad()
+def log_evaluation(writer, q_network, args: Args, device, global_step: int, start_time: float) -> None:
+    """Greedy episodes with the learner's current weights, logged as eval/episodic_return."""
+    returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + 10_000, device)
+    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
+    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
+    writer.add_scalar("eval/wall_clock_seconds", time.time() - start_time, global_step)
+    print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
+          f"({time.time() - start_time:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sys.exit(main(tyro.cli(Args)))
+    except KeyboardInterrupt:  # before any process or shared memory exists
+        sys.exit("r2d2_mp.py: interrupted")

@@ -1,0 +1,258 @@
+"""r2d2_mp.py: shared-memory replay across processes, and runs that really start and stop."""
+
+import glob
+import multiprocessing as std_mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from r2d2_algo.shared import SharedArrays
+from r2d2_algo.storage import SequenceReplayBuffer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--hidden-size", "32", "--torso-size", "32", "--head-hidden-size", "32", "--burn-in-length", "4",
+         "--sequence-length", "8", "--overlap", "4", "--batch-size", "16", "--buffer-size", "20000",
+         "--learning-starts", "1000", "--replay-ratio", "4", "--target-network-update-period", "50",
+         "--learning-rate", "1e-3", "--gamma", "0.99", "--log-interval", "1", "--num-envs-per-actor", "2"]
+
+
+def descendants(pid):
+    """PIDs of all live processes whose ancestry includes pid."""
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def shm_segments_of(pid):
+    return glob.glob(f"/dev/shm/r2d2_{pid}_*")
+
+
+def start(tmp_path, *args, extra_env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
+    return subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), *map(str, args)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, like a job in a terminal
+
+
+def wait_clean(proc, timeout=60):
+    """Wait for exit; assert nothing of the run survives it."""
+    out, err = proc.communicate(timeout=timeout)
+    time.sleep(0.5)
+    assert not descendants(proc.pid), f"orphans left: {descendants(proc.pid)}"
+    left = [p for p in glob.glob("/proc/[0-9]*/stat") if _pgid(p) == proc.pid]
+    assert not left, f"processes of the run's group still alive: {left}"
+    assert not shm_segments_of(proc.pid), f"/dev/shm left: {shm_segments_of(proc.pid)}"
+    return out, err
+
+
+def _pgid(stat):
+    try:
+        fields = open(stat).read().rsplit(")", 1)[1].split()
+        return int(fields[2]) if fields[0] != "Z" else None
+    except OSError:
+        return None
+
+
+def wait_for_output(proc, tmp_path, pattern, timeout=60):
+    """Wait until the run has written a tensorboard folder (it is past start-up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if glob.glob(str(tmp_path / pattern)):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern} never appeared")
+
+
+# ---------------------------------------------------------------- shared replay across processes
+def writer_process(layout, replay_kwargs, streams, num_steps, seed):
+    arrays = SharedArrays.attach(layout)
+    replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
+    for step in range(num_steps):
+        replay.add(*synthetic_step(seed, streams, step, replay_kwargs["state_size"]), streams=streams)
+        if step % 8 == 0:
+            time.sleep(0.001)  # let the sampler interleave with the writers throughout
+    arrays.close()
+
+
+PAIRS = ([0, 1], [2, 3])  # the streams of writer 0 and writer 1
+
+
+def synthetic_step(seed, streams, step, state_size):
+    """Deterministic content of step `step` of each stream: a single process can regenerate it."""
+    rng = np.random.default_rng([seed, streams[0], step])
+    K = len(streams)
+    obs = (np.asarray(streams)[:, None] * 1000 + step + rng.random((K, 3))).astype(np.float32)
+    first = (rng.random(K) < 0.05) | (step == 0)
+    return (obs, rng.integers(0, 3, K), rng.normal(size=K).astype(np.float32), first,
+            rng.random(K) < 0.03, np.zeros(K, bool), rng.normal(size=(K, state_size)).astype(np.float32))
+
+
+def reference_window(seed, stream, start, length, state_size):
+    pair = PAIRS[stream // 2]
+    steps = [synthetic_step(seed, pair, t, state_size) for t in range(start, start + length)]
+    row = stream % 2
+    obs = np.stack([s[0][row] for s in steps])
+    action = np.array([s[1][row] for s in steps])
+    return obs, action, steps[0][6][row]
+
+
+def test_shared_replay_written_by_several_processes_equals_a_single_process_reference():
+    """Two writer processes fill the shared replay while this process syncs and samples:
+    every sampled window equals the steps a single process would have written, and a window
+    overwritten while it was read is dropped (weight 0), never returned torn."""
+    kwargs = dict(num_streams=4, capacity=4 * 64, obs_shape=(3,), obs_dtype=np.float32, state_size=2,
+                  burn_in_length=2, sequence_length=6, n_step=2, overlap=3, overwrite_margin=12)
+    arrays = SharedArrays()
+    try:
+        learner = SequenceReplayBuffer(**kwargs, index=True, allocate=arrays.allocate)
+        ctx = std_mp.get_context("spawn")
+        num_steps = 4000  # > 60 wrap-arounds of each ring
+        writers = [ctx.Process(target=writer_process, args=(arrays.layout, kwargs, pair, num_steps, 7))
+                   for pair in PAIRS]
+        for p in writers:
+            p.start()
+        rng = np.random.default_rng(0)
+        checked = 0
+        while any(p.is_alive() for p in writers) or checked == 0:
+            learner.sync()
+            if learner.num_valid_sequences == 0:
+                continue
+            batch = learner.sample(16, rng)
+            streams = batch.indices // learner.slots_per_stream
+            for b in range(16):
+                if batch.sequence_ids[b] < 0:
+                    assert batch.weights[b] == 0  # overwritten while read: dropped
+                    continue
+                obs, action, state = reference_window(7, streams[b], batch.sequence_ids[b] * learner.period,
+                                                      learner.window_length, 2)
+                np.testing.assert_array_equal(batch.obs[:, b], obs)
+                np.testing.assert_array_equal(batch.action[:, b], action)
+                np.testing.assert_array_equal(batch.initial_state[b], state)
+                checked += 1
+        for p in writers:
+            p.join()
+            assert p.exitcode == 0
+        assert checked > 200
+        assert learner.write_count.tolist() == [num_steps] * 4
+    finally:
+        arrays.close()
+        arrays.unlink()
+
+
+# ---------------------------------------------------------------- whole runs
+def test_cartpole_run_end_to_end(tmp_path):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "6000",
+                 "--eval-episodes", "2", "--save-model", *SMALL)
+    out, err = wait_clean(proc, timeout=300)
+    assert proc.returncode == 0, err
+    assert "GiB in shared memory" in out
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ["charts/SPS", "actors/SPS_actor_0", "actors/SPS_actor_1", "charts/updates_per_second",
+                "replay/size", "replay/replay_ratio", "charts/parameter_lag", "charts/sample_wait_seconds",
+                "losses/td_loss", "charts/episodic_return", "eval/episodic_return"]:
+        assert tag in tags, tag
+    updates = acc.Scalars("charts/learner_updates")[-1].value
+    assert updates > 0
+    # actors refresh their weights: the lag stays far below the number of updates
+    assert acc.Scalars("charts/parameter_lag")[-1].value < max(10, updates)
+    assert glob.glob(str(tmp_path / "saved_models" / "*" / "model.pt"))
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("when", ["startup", "running"])
+def test_stopped_run_exits_cleanly(tmp_path, stop_signal, when):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000", *SMALL)
+    if when == "startup":
+        time.sleep(1.0)
+    else:
+        wait_for_output(proc, tmp_path, "runs/*")
+        time.sleep(3.0)
+    t0 = time.time()
+    os.killpg(proc.pid, stop_signal)  # what Ctrl-C in a terminal does: the whole process group
+    out, err = wait_clean(proc, timeout=30)
+    assert time.time() - t0 < 15
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+
+
+def test_dead_actor_is_named_with_its_traceback_and_the_run_stops(tmp_path):
+    proc = start(tmp_path, "--env-id", "crashing_env:CrashingCartPole-v0", "--num-actors", "2",
+                 "--total-timesteps", "10000000", *SMALL, extra_env={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
+    out, err = wait_clean(proc, timeout=60)
+    assert proc.returncode == 1
+    assert "actor-" in err and "died" in err and "deliberate failure for the test" in err
+
+
+def test_killed_actor_stops_the_run(tmp_path):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000", *SMALL)
+    wait_for_output(proc, tmp_path, "runs/*")
+    victims = [pid for pid in descendants(proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    assert len(victims) >= 2
+    os.kill(victims[0], signal.SIGKILL)
+    out, err = wait_clean(proc, timeout=30)
+    assert proc.returncode == 1 and "died" in err
+
+
+def test_exception_in_the_learner_cleans_up(tmp_path, monkeypatch):
+    import r2d2_algo.r2d2_mp as r2d2_mp
+
+    def broken_loss(*args, **kwargs):
+        raise RuntimeError("learner bug")
+
+    monkeypatch.setattr(r2d2_mp, "r2d2_loss", broken_loss)
+    monkeypatch.chdir(tmp_path)
+    args = r2d2_mp.Args(env_id="CartPole-v1", num_actors=2, num_envs_per_actor=2, total_timesteps=100000,
+                        hidden_size=16, torso_size=16, head_hidden_size=16, burn_in_length=2, sequence_length=4,
+                        overlap=2, batch_size=4, buffer_size=4000, learning_starts=200, log_interval=1.0)
+    with pytest.raises(RuntimeError, match="learner bug"):
+        r2d2_mp.main(args)
+    time.sleep(0.5)
+    assert not std_mp.active_children()
+    assert not descendants(os.getpid()) or all("resource_tracker" in open(f"/proc/{p}/cmdline").read()
+                                               for p in descendants(os.getpid()))
+    assert not shm_segments_of(os.getpid())
+
+
+def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
+    proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--buffer-size", "100000000")
+    out, err = wait_clean(proc, timeout=60)
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert "GiB" in lines[-1] and "lower --buffer-size" in lines[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_short_pong_run_end_to_end(tmp_path):
+    proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--num-actors", "1", "--num-envs-per-actor", "2",
+                 "--total-timesteps", "800", "--buffer-size", "2000", "--learning-starts", "400",
+                 "--burn-in-length", "4", "--sequence-length", "8", "--overlap", "4", "--batch-size", "2",
+                 "--hidden-size", "32", "--torso-size", "32", "--head-hidden-size", "32", "--eval-episodes", "0",
+                 "--replay-ratio", "0.1", "--log-interval", "1")
+    out, err = wait_clean(proc, timeout=300)
+    assert proc.returncode == 0, err
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    assert acc.Scalars("charts/learner_updates")[-1].value > 0
