@@ -1,0 +1,228 @@
+"""Throughput of the multi-process R2D2 on this machine, all measured in one run.
+
+    python benchmarks/bench_mp.py [--env-id PongNoFrameskip-v4] [--seconds 20]
+
+1. raw env SPS: P processes each stepping E envs (gymnasium SyncVectorEnv, Atari preprocessing)
+   with random actions, summed;
+2. actor SPS: the same processes acting with the batched forward pass of their own CPU copy of
+   the network (paper architecture) and writing every step to a replay, learner idle;
+3. batched policy forward rate: observations/s of the CPU network alone at batch E, one thread
+   per process, P processes;
+4. system SPS while learning: r2d2_mp.py with the same actors and a learner, read from its log;
+5. replay insert (steps/s) and sample (64-sequence Atari batches/s, with stack rebuilding);
+6. scaling tables: SPS vs actors at a fixed total number of envs ("fixed batch size") and vs
+   actors at fixed envs per actor ("fixed envs per worker").
+
+Ratios (actor SPS ÷ min(raw env SPS, forward rate), system ÷ actor) are measured in the same
+run on the same cores. Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from r2d2_algo.envs import check_env_id, frame_stack_of, make_vector_env
+from r2d2_algo.model import RNNQNetwork
+from r2d2_algo.storage import SequenceReplayBuffer, stack_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    env_id: str = "PongNoFrameskip-v4"
+    """environment to measure"""
+    seconds: float = 15.0
+    """measuring time per cell (after warm-up)"""
+    processes: int = max(1, (os.cpu_count() or 2) - 1)
+    """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
+    envs_per_process: int = 4
+    """envs per actor process for the main measurements"""
+    scaling_processes: list[int] = field(default_factory=lambda: [1, 2])
+    """actor counts of the scaling tables"""
+    scaling_total_envs: int = 8
+    """total envs of the fixed-batch-size table"""
+    system: bool = True
+    """also measure the whole system while learning (runs r2d2_mp.py)"""
+    out: str = "benchmarks/results/bench_mp.json"
+    """where to write the JSON results"""
+
+
+def _worker(kind: str, env_id: str, num_envs: int, seconds: float, seed: int, result_queue) -> None:
+    torch.set_num_threads(1)
+    observation_space, n_actions = check_env_id(env_id)
+    envs = make_vector_env(env_id, num_envs, seed)
+    net = RNNQNetwork(observation_space, n_actions)
+    replay = SequenceReplayBuffer(num_envs, num_envs * 2000, observation_space.shape, observation_space.dtype,
+                                  net.state_size, 40, 80, 5, 40, frame_stack=frame_stack_of(env_id))
+    rng = np.random.default_rng(seed)
+    obs, _ = envs.reset(seed=seed)
+    state = net.initial_state(num_envs)
+    prev_action = torch.full((1, num_envs), -1)
+    prev_reward = torch.zeros(1, num_envs)
+    first = torch.zeros(1, num_envs, dtype=torch.bool)
+    steps, t0, deadline = 0, None, None
+    warmup = 2.0
+    start = time.time()
+    while True:
+        now = time.time()
+        if t0 is None and now - start > warmup:
+            t0, steps = now, 0
+            deadline = t0 + seconds
+        if deadline is not None and now >= deadline:
+            break
+        if kind == "forward":
+            with torch.no_grad():
+                net(torch.as_tensor(obs).unsqueeze(0), prev_action, prev_reward, first, state)
+            steps += num_envs
+            continue
+        if kind == "actor":
+            with torch.no_grad():
+                q, next_state = net(torch.as_tensor(obs).unsqueeze(0), prev_action, prev_reward, first, state)
+            action = np.where(rng.random(num_envs) < 0.01, rng.integers(0, n_actions, num_envs),
+                              q[0].argmax(-1).numpy())
+        else:
+            action = rng.integers(0, n_actions, num_envs)
+        next_obs, reward, terminated, truncated, _ = envs.step(action)
+        if kind == "actor":
+            replay.add(obs, action, reward, first[0].numpy(), terminated, truncated, state.numpy())
+            state = next_state
+        obs = next_obs
+        steps += num_envs
+    result_queue.put(steps / (time.time() - t0))
+    envs.close()
+
+
+def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int, seconds: float) -> float:
+    """Summed steps/s (or observations/s for 'forward') of `processes` workers."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(kind, env_id, envs_per_process, seconds, i, q))
+               for i in range(processes)]
+    for w in workers:
+        w.start()
+    rates = [q.get(timeout=seconds + 300) for _ in workers]
+    for w in workers:
+        w.join()
+    return float(sum(rates))
+
+
+def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: float) -> dict:
+    """Run r2d2_mp.py for `seconds` past learning start and parse its last SPS log lines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), "--env-id", env_id, "--num-actors",
+               str(processes), "--num-envs-per-actor", str(envs_per_process), "--total-timesteps", "100000000",
+               "--learning-starts", "2000", "--buffer-size", "100000", "--log-interval", "5", "--eval-episodes", "0"]
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines, start = [], time.time()
+        learning_since = None
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"SPS (\d+), updates ([\d,]+) \(([\d.]+)/s\)", line)
+            if m and int(m.group(2).replace(",", "")) > 0 and learning_since is None:
+                learning_since = time.time()
+            if learning_since is not None and time.time() - learning_since > seconds:
+                break
+            if time.time() - start > seconds + 600:
+                break
+        proc.send_signal(2)
+        proc.wait(timeout=60)
+    stats = [re.search(r"SPS (\d+), updates ([\d,]+) \(([\d.]+)/s\)", l) for l in lines]
+    stats = [m for m in stats if m and int(m.group(2).replace(",", "")) > 0][1:]  # skip the first learning line
+    if not stats:
+        return {"sps": float("nan"), "updates_per_second": float("nan")}
+    return {"sps": float(np.mean([int(m.group(1)) for m in stats])),
+            "updates_per_second": float(np.mean([float(m.group(3)) for m in stats]))}
+
+
+def replay_throughput(env_id: str, seconds: float) -> dict:
+    """Insert steps/s and 64-sequence batch samples/s (incl. stacking) of an Atari-sized replay."""
+    observation_space, _ = check_env_id(env_id)
+    frame_stack = frame_stack_of(env_id)
+    E = 16
+    replay = SequenceReplayBuffer(E, 200_000, observation_space.shape, observation_space.dtype, 1024, 40, 80, 5, 40,
+                                  frame_stack=frame_stack)
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 255, (E, *observation_space.shape), dtype=np.uint8) if observation_space.dtype == np.uint8 \
+        else rng.random((E, *observation_space.shape), dtype=np.float32)
+    state = np.zeros((E, 1024), np.float32)
+    args = (obs, np.zeros(E, np.int64), np.zeros(E, np.float32), np.zeros(E, bool), np.zeros(E, bool),
+            np.zeros(E, bool), state)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds or replay.write_count.min() < replay.capacity_per_stream:
+        replay.add(*args)
+        n += E
+    insert = n / (time.time() - t0)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        batch = replay.sample(64, rng)
+        if frame_stack > 1:
+            stack_frames(torch.as_tensor(batch.obs), torch.as_tensor(batch.frame_first), frame_stack)
+        n += 1
+    return {"insert_steps_per_second": insert, "sample_batches_per_second": n / (time.time() - t0),
+            "bytes_per_step": SequenceReplayBuffer.shared_nbytes(
+                num_streams=E, capacity=200_000, obs_shape=observation_space.shape,
+                obs_dtype=observation_space.dtype, state_size=1024, burn_in_length=40, sequence_length=80,
+                n_step=5, overlap=40, frame_stack=frame_stack) / 200_000}
+
+
+def main(args: Args) -> None:
+    P, E, T = args.processes, args.envs_per_process, args.seconds
+    results = {"args": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                 "torch": torch.__version__}}
+    print(f"measuring {args.env_id} with {P} process(es) × {E} envs, {T:.0f} s per cell ...", flush=True)
+    main_rates = {kind: parallel_rate(kind, args.env_id, P, E, T) for kind in ("raw", "forward", "actor")}
+    results["main"] = main_rates
+    if args.system:
+        results["system"] = system_sps(args.env_id, P, E, T)
+    results["replay"] = replay_throughput(args.env_id, T / 2)
+    bound = min(main_rates["raw"], main_rates["forward"])
+    print(f"\n| measurement ({P} proc × {E} envs) | steps/s |\n|---|---|")
+    print(f"| raw env, random actions | {main_rates['raw']:.0f} |")
+    print(f"| batched policy forward (obs/s) | {main_rates['forward']:.0f} |")
+    print(f"| actors with policy + replay writes, learner idle | {main_rates['actor']:.0f} |")
+    print(f"| actor ÷ min(raw env, forward) | {main_rates['actor'] / bound:.2f} |")
+    if args.system:
+        s = results["system"]
+        print(f"| whole system while learning | {s['sps']:.0f} ({s['updates_per_second']:.2f} updates/s) |")
+        print(f"| system ÷ actors | {s['sps'] / main_rates['actor']:.2f} |")
+    r = results["replay"]
+    print(f"\n| replay | value |\n|---|---|\n| insert (steps/s) | {r['insert_steps_per_second']:.0f} |\n"
+          f"| sample 64 × 125-step windows + stacking (batches/s) | {r['sample_batches_per_second']:.1f} |\n"
+          f"| bytes per stored step | {r['bytes_per_step']:.0f} |")
+
+    fixed_batch, fixed_envs = [], []
+    for p in args.scaling_processes:
+        envs = max(1, args.scaling_total_envs // p)
+        fixed_batch.append({"processes": p, "envs_per_process": envs,
+                            "actor_sps": parallel_rate("actor", args.env_id, p, envs, T)})
+        fixed_envs.append({"processes": p, "envs_per_process": E,
+                           "actor_sps": parallel_rate("actor", args.env_id, p, E, T)})
+    results["scaling_fixed_total_envs"], results["scaling_fixed_envs_per_process"] = fixed_batch, fixed_envs
+    for title, rows in (("fixed total envs (batch size)", fixed_batch), ("fixed envs per process", fixed_envs)):
+        print(f"\n| {title}: processes | envs/process | actor SPS |\n|---|---|---|")
+        for row in rows:
+            print(f"| {row['processes']} | {row['envs_per_process']} | {row['actor_sps']:.0f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
