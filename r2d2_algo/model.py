@@ -103,6 +103,11 @@ class _ResettingRNN(nn.Module):
             out: (T, B, hidden_size) float outputs.
             state: (B, state_size) float state after step T-1.
         """
+        if x.shape[0] == 1 and strategy == "auto":
+            # acting: one step, where the fused kernel's fixed cost (ms on CPU) dominates
+            keep = (~reset[0]).unsqueeze(-1)
+            out, state = self._cell(x[0], _zero_where_reset(state, keep))
+            return out.unsqueeze(0), state
         reset_times = reset[1:].any(dim=1).nonzero().flatten() + 1  # (k,) distinct steps > 0
         if strategy == "auto":
             strategy = "packed" if self._packing_is_cheaper(x, len(reset_times)) else "chunked"
@@ -154,6 +159,16 @@ class ResettingLSTM(_ResettingRNN):
         super().__init__(input_size, hidden_size)
         self.rnn = nn.LSTM(input_size, hidden_size)
 
+    def _cell(self, x: torch.Tensor, state: torch.Tensor):
+        """One step of nn.LSTM's equations with its weights: x (B, I), state (B, 2H)."""
+        h, c = state.chunk(2, dim=-1)
+        rnn = self.rnn
+        gates = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0) + F.linear(h, rnn.weight_hh_l0, rnn.bias_hh_l0)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, torch.cat([h, c], dim=-1)
+
 
 class ResettingGRU(_ResettingRNN):
     """GRU core whose state is zeroed at episode starts; state = h, (B, H)."""
@@ -164,6 +179,15 @@ class ResettingGRU(_ResettingRNN):
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size)
         self.rnn = nn.GRU(input_size, hidden_size)
+
+    def _cell(self, x: torch.Tensor, h: torch.Tensor):
+        """One step of nn.GRU's equations with its weights: x (B, I), h (B, H)."""
+        rnn = self.rnn
+        x_r, x_z, x_n = F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0).chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(h, rnn.weight_hh_l0, rnn.bias_hh_l0).chunk(3, dim=-1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+        return h, h
 
 
 class FeedForwardCore(nn.Module):

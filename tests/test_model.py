@@ -12,14 +12,33 @@ STRATEGIES = ["auto", "chunked", "packed"]
 
 
 def step_by_step(core, x, state, reset):
-    """Reference: one fused call per step, state zeroed by hand before every reset step."""
+    """Reference: the plain torch RNN one step at a time, state zeroed by hand at resets."""
     outs = []
-    no_reset = torch.zeros(1, x.shape[1], dtype=torch.bool)
     for t in range(x.shape[0]):
         state = torch.where(reset[t].unsqueeze(-1), torch.zeros_like(state), state)
-        out, state = core(x[t : t + 1], state, no_reset)
+        if isinstance(core.rnn, torch.nn.LSTM):
+            h, c = state.chunk(2, dim=-1)
+            out, (h, c) = core.rnn(x[t : t + 1], (h[None].contiguous(), c[None].contiguous()))
+            state = torch.cat([h[0], c[0]], dim=-1)
+        else:
+            out, h = core.rnn(x[t : t + 1], state[None].contiguous())
+            state = h[0]
         outs.append(out)
     return torch.cat(outs), state
+
+
+@pytest.mark.parametrize("core_cls", CORES)
+@pytest.mark.parametrize("reset_first", [False, True])
+def test_single_step_cell_matches_the_fused_call(core_cls, reset_first):
+    """Acting unrolls one step with the cell equations; they must equal nn.LSTM / nn.GRU."""
+    torch.manual_seed(4)
+    core = core_cls(7, 9)
+    x, state = torch.randn(1, 5, 7), torch.randn(5, core.state_size)
+    reset = torch.full((1, 5), reset_first)
+    out, final = core(x, state, reset)
+    ref_out, ref_final = step_by_step(core, x, state, reset)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(final, ref_final, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("core_cls", CORES)
