@@ -140,14 +140,22 @@ def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: floa
                 break
             if time.time() - start > seconds + 600:
                 break
-        proc.send_signal(2)
-        proc.wait(timeout=60)
+        t_stop = time.time()
+        proc.send_signal(2)  # Ctrl-C; keep draining its output so it can never block on a full pipe
+        try:
+            rest, _ = proc.communicate(timeout=180)
+            lines.extend(rest.splitlines(keepends=True))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        exit_seconds = time.time() - t_stop
     stats = [re.search(r"SPS (\d+), updates ([\d,]+) \(([\d.]+)/s\)", l) for l in lines]
     stats = [m for m in stats if m and int(m.group(2).replace(",", "")) > 0][1:]  # skip the first learning line
     if not stats:
-        return {"sps": float("nan"), "updates_per_second": float("nan")}
+        return {"sps": float("nan"), "updates_per_second": float("nan"), "exit_seconds_after_ctrl_c": exit_seconds}
     return {"sps": float(np.mean([int(m.group(1)) for m in stats])),
-            "updates_per_second": float(np.mean([float(m.group(3)) for m in stats]))}
+            "updates_per_second": float(np.mean([float(m.group(3)) for m in stats])),
+            "exit_seconds_after_ctrl_c": exit_seconds}
 
 
 def replay_throughput(env_id: str, seconds: float) -> dict:
@@ -201,6 +209,7 @@ def main(args: Args) -> None:
         s = results["system"]
         print(f"| whole system while learning | {s['sps']:.0f} ({s['updates_per_second']:.2f} updates/s) |")
         print(f"| system ÷ actors | {s['sps'] / main_rates['actor']:.2f} |")
+        print(f"| (system run exited {s['exit_seconds_after_ctrl_c']:.1f} s after Ctrl-C) | |")
     r = results["replay"]
     print(f"\n| replay | value |\n|---|---|\n| insert (steps/s) | {r['insert_steps_per_second']:.0f} |\n"
           f"| sample 64 × 125-step windows + stacking (batches/s) | {r['sample_batches_per_second']:.1f} |\n"

@@ -397,8 +397,11 @@ def main(args: Args) -> int:
                     raise StopRun(f"{name} died:\n{trace}")
             if prefetcher.error is not None:
                 raise prefetcher.error
-            while not episode_queue.empty():
-                actor_id, episodic_return, episodic_length = episode_queue.get_nowait()
+            while True:
+                try:
+                    actor_id, episodic_return, episodic_length = episode_queue.get_nowait()
+                except queue.Empty:
+                    break
                 recent_returns.append(episodic_return)
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
