@@ -385,6 +385,7 @@ def main(args: Args) -> int:
         updates, sample_wait, recent_returns = 0, 0.0, deque(maxlen=20)
         trained_per_update = args.batch_size * args.sequence_length
         next_eval = args.eval_interval if args.eval_interval > 0 else None
+        evaluated_at = None  # learner updates at the last evaluation
         global_step = 0
         stats = {}
         while global_step < args.total_timesteps:
@@ -464,9 +465,10 @@ def main(args: Args) -> int:
 
             if next_eval is not None and global_step >= next_eval and args.eval_episodes > 0:
                 log_evaluation(writer, q_network, args, device, global_step, start_time)
+                evaluated_at = updates
                 next_eval += args.eval_interval
 
-        if args.eval_episodes > 0:
+        if args.eval_episodes > 0 and evaluated_at != updates:  # final weights not evaluated yet
             log_evaluation(writer, q_network, args, device, global_step, start_time)
         if args.save_model:
             model_path = f"saved_models/{run_name}/model.pt"
