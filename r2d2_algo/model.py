@@ -61,18 +61,15 @@ class _ResettingRNN(nn.Module):
 
     - ``chunked``: cut the time axis at the k distinct steps where any row resets and run
       k + 1 fused calls, zeroing the reset rows' state between them. Costs one call overhead
-      per reset step: the faster one for large cores or rare resets (Atari).
+      per reset step; on CPU the faster one for training at every size measured.
     - ``packed``: cut every row into segments at its resets; all segments form the batch of
       one packed-sequence call (first segments start from the given state, others from
-      zeros) and outputs are scattered back: one call however many resets, about twice the
-      plain call. The faster one for small cores with dense resets (CartPole), and on a GPU.
+      zeros) and outputs are scattered back: one call however many resets. Used on CUDA
+      when resets are dense (many chunks would mean many kernel launches).
     """
 
     rnn: nn.RNNBase
     num_state_parts: int
-    # Fixed cost of one extra fused call, in multiply-adds of the unroll, measured on CPU with
-    # benchmarks/bench_core.py (about 1.6 ms per LSTM call, 0.5 ms per GRU call at 1e-11 s/MAC).
-    call_overhead_macs: float
     max_chunks_cuda: int = 16  # on CUDA each chunk is a kernel launch: from this many on, pack
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -128,13 +125,10 @@ class _ResettingRNN(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0], self._join(rnn_state)
 
     def _packing_is_cheaper(self, x: torch.Tensor, num_reset_steps: int) -> bool:
-        """Deterministic cost model: chunking costs one call overhead per reset step, packing
-        roughly doubles the plain call. Both are exact; this only picks the faster one."""
-        if x.is_cuda:
-            return num_reset_steps >= self.max_chunks_cuda
-        T, B, input_size = x.shape
-        plain_macs = T * B * self.rnn.weight_hh_l0.shape[0] * (input_size + self.hidden_size)
-        return num_reset_steps * self.call_overhead_macs > plain_macs
+        """On CPU never: forward + backward of the packed call costs 1.5–7.5× the plain call
+        against 1.2–3.4× for chunks, at every size and reset density measured
+        (benchmarks/bench_core.py). On CUDA, pack when there are many chunks (kernel launches)."""
+        return x.is_cuda and num_reset_steps >= self.max_chunks_cuda
 
     def _packed(self, x: torch.Tensor, state: torch.Tensor, reset: torch.Tensor):
         seg, pos, lengths, first_seg, last_seg = _segment_layout(reset)
@@ -153,7 +147,6 @@ class ResettingLSTM(_ResettingRNN):
     """LSTM core whose (h, c) state is zeroed at episode starts; state = [h, c], (B, 2H)."""
 
     num_state_parts = 2
-    call_overhead_macs = 1.5e8
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size)
@@ -174,7 +167,6 @@ class ResettingGRU(_ResettingRNN):
     """GRU core whose state is zeroed at episode starts; state = h, (B, H)."""
 
     num_state_parts = 1
-    call_overhead_macs = 0.45e8
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size)
