@@ -19,7 +19,6 @@ run on the same cores. Prints tables and writes JSON.
 
 from __future__ import annotations
 
-import glob
 import json
 import multiprocessing as mp
 import os

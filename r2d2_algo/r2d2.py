@@ -22,7 +22,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -117,10 +116,14 @@ class Args:
     """show a tqdm progress bar with SPS and recent return"""
 
 
-def check_args(args: Args) -> None:
-    """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
-    positive = ["total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
-                "sequence_length", "batch_size", "n_step", "target_network_update_period", "log_interval"]
+POSITIVE_ARGS = ("total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
+                 "sequence_length", "batch_size", "n_step", "target_network_update_period", "log_interval")
+
+
+def check_args(args, positive: tuple[str, ...] = POSITIVE_ARGS) -> None:
+    """Refuse inconsistent arguments with a one-line ValueError, before anything is written.
+
+    ``positive`` names the integer fields that must be >= 1 (r2d2_mp.py passes its own)."""
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -135,6 +138,64 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--value-rescaling-epsilon must be >= 0, got {args.value_rescaling_epsilon}")
     if not 0.0 <= args.priority_eta <= 1.0:
         raise ValueError(f"--priority-eta must be in [0, 1], got {args.priority_eta}")
+
+
+# ALGO LOGIC: acting
+class EnvActor:
+    """The acting side of R2D2 for a batch of E environments (R2D2_SPEC.md pieces 1 and 5).
+
+    Acts ε-greedily on the recurrent Q-network, env i with ε = epsilons[i] (its rung of the
+    Ape-X ladder), carrying the recurrent state through each episode, and writes every step to
+    the replay with the state that entered it (the stored state). With gymnasium's NEXT_STEP
+    autoreset the step after a final observation returns the reset observation, which
+    begins an episode: the core's state is reset there and the previous action/reward are none.
+
+    Args:
+        envs: vector env of E envs (NEXT_STEP autoreset), reset here with ``seed``.
+        q_network: network to act with (its current weights are used at every step).
+        replay: SequenceReplayBuffer to write to; ``streams`` (E,) selects its streams.
+        epsilons: (E,) exploration rates.
+        rng: numpy Generator for exploration.
+    """
+
+    def __init__(self, envs, q_network: RNNQNetwork, replay: SequenceReplayBuffer, epsilons: np.ndarray,
+                 rng: np.random.Generator, seed: int, device: torch.device | str = "cpu",
+                 streams: np.ndarray | None = None):
+        self.envs, self.q_network, self.replay, self.epsilons, self.rng = envs, q_network, replay, epsilons, rng
+        self.device, self.streams = device, streams
+        self.num_envs, self.n_actions = len(epsilons), int(envs.single_action_space.n)
+        E = self.num_envs
+        self.obs, _ = envs.reset(seed=seed)
+        self.state = q_network.initial_state(E, device)  # (E, state_size) entering `obs`
+        self.prev_action = np.full(E, -1, dtype=np.int64)
+        self.prev_reward = np.zeros(E, dtype=np.float32)
+        self.first = np.ones(E, dtype=bool)
+        self.obs_terminated = np.zeros(E, dtype=bool)  # `obs` is a final observation
+        self.obs_truncated = np.zeros(E, dtype=bool)
+
+    def step(self) -> dict:
+        """Act once in every env and write the step to replay; returns the envs' infos."""
+        with torch.no_grad():
+            q, next_state = self.q_network(
+                torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_action, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_reward, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.first, device=self.device).unsqueeze(0),
+                self.state,
+            )
+        greedy = q[0].argmax(dim=-1).cpu().numpy()
+        explore = self.rng.random(self.num_envs) < self.epsilons
+        action = np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
+        next_obs, reward, terminated, truncated, infos = self.envs.step(action)
+        self.replay.add(self.obs, action, reward, self.first, self.obs_terminated, self.obs_truncated,
+                        self.state.cpu().numpy(), streams=self.streams)
+        # the step after a final observation returns the reset observation (NEXT_STEP autoreset)
+        self.first = self.obs_terminated | self.obs_truncated
+        self.prev_action = np.where(self.first, -1, action)
+        self.prev_reward = np.where(self.first, 0.0, reward).astype(np.float32)
+        self.obs, self.obs_terminated, self.obs_truncated = next_obs, terminated, truncated
+        self.state = next_state
+        return infos
 
 
 # ALGO LOGIC: value rescaling and n-step double-Q targets (R2D2 Sec. 2.3; Pohlen et al. 2018)
@@ -293,14 +354,7 @@ def main(args: Args) -> None:
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device}, replay "
           f"{rb.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
 
-    # ALGO LOGIC: acting state of every env
-    obs, _ = envs.reset(seed=args.seed)
-    state = q_network.initial_state(args.num_envs, device)  # (E, state_size) entering `obs`
-    prev_action = np.full(args.num_envs, -1, dtype=np.int64)
-    prev_reward = np.zeros(args.num_envs, dtype=np.float32)
-    first = np.ones(args.num_envs, dtype=bool)
-    obs_terminated = np.zeros(args.num_envs, dtype=bool)  # `obs` is a final observation
-    obs_truncated = np.zeros(args.num_envs, dtype=bool)
+    actor = EnvActor(envs, q_network, rb, epsilons, rng, args.seed, device)
 
     global_step, updates, eval_return = 0, 0, float("nan")
     recent_returns: deque[float] = deque(maxlen=20)
@@ -312,25 +366,7 @@ def main(args: Args) -> None:
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: act ε-greedily with the recurrent state, one rung of the ladder per env
-            with torch.no_grad():
-                q, next_state = q_network(
-                    torch.as_tensor(obs, device=device).unsqueeze(0),
-                    torch.as_tensor(prev_action, device=device).unsqueeze(0),
-                    torch.as_tensor(prev_reward, device=device).unsqueeze(0),
-                    torch.as_tensor(first, device=device).unsqueeze(0),
-                    state,
-                )
-            greedy = q[0].argmax(dim=-1).cpu().numpy()
-            explore = rng.random(args.num_envs) < epsilons
-            action = np.where(explore, rng.integers(0, n_actions, args.num_envs), greedy)
-            next_obs, reward, terminated, truncated, infos = envs.step(action)
-            rb.add(obs, action, reward, first, obs_terminated, obs_truncated, state.cpu().numpy())
-
-            # the step after a final observation returns the reset observation (NEXT_STEP autoreset)
-            first = obs_terminated | obs_truncated
-            prev_action = np.where(first, -1, action)
-            prev_reward = np.where(first, 0.0, reward).astype(np.float32)
-            obs, obs_terminated, obs_truncated, state = next_obs, terminated, truncated, next_state
+            infos = actor.step()
             global_step += args.num_envs
             bar.update(args.num_envs)
 

@@ -49,7 +49,8 @@ from torch.utils.tensorboard import SummaryWriter
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import evaluate
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.r2d2 import batch_to_torch, r2d2_loss
+from r2d2_algo.r2d2 import EnvActor, batch_to_torch, r2d2_loss
+from r2d2_algo.r2d2 import check_args as r2d2_check_args
 from r2d2_algo.shared import SharedArrays, available_memory_bytes
 from r2d2_algo.storage import SequenceReplayBuffer
 
@@ -206,29 +207,12 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
                 arrays["actor_weights_version"][actor_id] = version[0]
 
         refresh_weights()
-        obs, _ = envs.reset(seed=args.seed + 1000 * (actor_id + 1))
-        state = net.initial_state(E)
-        prev_action = np.full(E, -1, dtype=np.int64)
-        prev_reward = np.zeros(E, dtype=np.float32)
-        first = np.ones(E, dtype=bool)
-        obs_terminated = np.zeros(E, dtype=bool)
-        obs_truncated = np.zeros(E, dtype=bool)
+        actor = EnvActor(envs, net, replay, epsilons, rng, args.seed + 1000 * (actor_id + 1), streams=streams)
         steps = 0
         while not stop_event.is_set():
             if os.getppid() != parent_pid:
                 return  # the learner is gone: nobody will read what we write
-            with torch.no_grad():
-                q, next_state = net(torch.as_tensor(obs).unsqueeze(0), torch.as_tensor(prev_action).unsqueeze(0),
-                                    torch.as_tensor(prev_reward).unsqueeze(0), torch.as_tensor(first).unsqueeze(0),
-                                    state)
-            greedy = q[0].argmax(dim=-1).numpy()
-            action = np.where(rng.random(E) < epsilons, rng.integers(0, n_actions, E), greedy)
-            next_obs, reward, terminated, truncated, infos = envs.step(action)
-            replay.add(obs, action, reward, first, obs_terminated, obs_truncated, state.numpy(), streams=streams)
-            first = obs_terminated | obs_truncated
-            prev_action = np.where(first, -1, action)
-            prev_reward = np.where(first, 0.0, reward).astype(np.float32)
-            obs, obs_terminated, obs_truncated, state = next_obs, terminated, truncated, next_state
+            infos = actor.step()
             steps += 1
             arrays["actor_steps"][actor_id] = steps * E
             if "episode" in infos:
@@ -286,19 +270,12 @@ class Prefetcher(threading.Thread):
 
 
 def check_args(args: Args) -> None:
-    """Refuse inconsistent arguments with a one-line ValueError, before anything is created."""
-    for name in ["total_timesteps", "num_actors", "num_envs_per_actor", "actor_update_interval", "hidden_size",
-                 "torso_size", "head_hidden_size", "buffer_size", "sequence_length", "batch_size", "n_step",
-                 "target_network_update_period"]:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes"]:
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 < args.gamma <= 1.0:
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if args.learning_rate <= 0 or args.replay_ratio <= 0 or args.log_interval <= 0:
-        raise ValueError("--learning-rate, --replay-ratio and --log-interval must be > 0")
+    """r2d2.py's checks with this script's integer fields; one-line ValueError."""
+    r2d2_check_args(args, positive=("total_timesteps", "num_actors", "num_envs_per_actor", "actor_update_interval",
+                                    "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
+                                    "sequence_length", "batch_size", "n_step", "target_network_update_period"))
+    if args.log_interval <= 0:
+        raise ValueError(f"--log-interval must be > 0, got {args.log_interval}")
 
 
 def main(args: Args) -> int:

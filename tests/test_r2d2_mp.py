@@ -256,3 +256,14 @@ def test_short_pong_run_end_to_end(tmp_path):
     acc = EventAccumulator(run_dir)
     acc.Reload()
     assert acc.Scalars("charts/learner_updates")[-1].value > 0
+
+
+@pytest.mark.parametrize("args, message", [(["--priority-eta", "1.5"], "--priority-eta must be in [0, 1]"),
+                                           (["--num-actors", "0"], "--num-actors must be >= 1"),
+                                           (["--log-interval", "0"], "--log-interval must be > 0")])
+def test_bad_arguments_refused_with_one_line(tmp_path, args, message):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", *args)
+    out, err = wait_clean(proc, timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [f"r2d2_mp.py: error: {message}" + err.strip().split(message, 1)[1]]
+    assert not (tmp_path / "runs").exists()
