@@ -320,10 +320,15 @@ def main(args: Args) -> int:
     prefetcher = None
     writer = None
 
-    def on_sigterm(signum, frame):
-        raise StopRun("SIGTERM")
+    # Ctrl-C and SIGTERM only record the request; the main loop stops at its next check. An
+    # exception raised asynchronously inside library code (tensorboard's writer, a queue) can
+    # leave it blocked forever in the clean-up.
+    stop_request: list[str] = []
 
-    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    def request_stop(signum, frame):
+        stop_request.append("interrupted (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM")
+
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     exit_code = 0
     try:
         replay = create_shared_memory(arrays, replay_kwargs, num_params, args.num_actors)
@@ -366,6 +371,8 @@ def main(args: Args) -> int:
         global_step = 0
         stats = {}
         while global_step < args.total_timesteps:
+            if stop_request:
+                raise StopRun(stop_request[0])
             for p in actors:  # a dead actor stops the run
                 if p.exitcode is not None:
                     try:
@@ -389,7 +396,15 @@ def main(args: Args) -> int:
             learning = global_step >= args.learning_starts
             if learning and updates * trained_per_update <= args.replay_ratio * (global_step - args.learning_starts):
                 t0 = time.time()
-                batch = prefetcher.batches.get()
+                while True:
+                    try:
+                        batch = prefetcher.batches.get(timeout=0.1)
+                        break
+                    except queue.Empty:  # keep answering a stop request while waiting
+                        if stop_request:
+                            raise StopRun(stop_request[0]) from None
+                        if prefetcher.error is not None:
+                            raise prefetcher.error from None
                 sample_wait += time.time() - t0
                 loss, priorities, stats = r2d2_loss(
                     q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
@@ -445,6 +460,7 @@ def main(args: Args) -> int:
                 evaluated_at = updates
                 next_eval += args.eval_interval
 
+        writer.add_scalar("charts/learner_updates", updates, global_step)  # the final count, always
         if args.eval_episodes > 0 and evaluated_at != updates:  # final weights not evaluated yet
             log_evaluation(writer, q_network, args, device, global_step, start_time)
         if args.save_model:
@@ -452,12 +468,10 @@ def main(args: Args) -> int:
             os.makedirs(os.path.dirname(model_path), exist_ok=True)
             torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
             print(f"model saved to {model_path}")
-    except (StopRun, KeyboardInterrupt) as e:
-        reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e)
-        print(f"r2d2_mp.py: stopping: {reason}", file=sys.stderr, flush=True)
-        exit_code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    except StopRun as e:
+        print(f"r2d2_mp.py: stopping: {e}", file=sys.stderr, flush=True)
+        exit_code = 130 if str(e).startswith("interrupted") else 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # no second interruption of the clean-up
         stop_event.set()
         if prefetcher is not None:
             prefetcher.stop.set()
@@ -476,7 +490,8 @@ def main(args: Args) -> int:
             writer.close()
         arrays.close()
         arrays.unlink()
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return exit_code
 
 
