@@ -1,11 +1,28 @@
-"""Load tensorboard runs into pandas for plots and tables."""
+"""Load tensorboard runs into pandas for plots and tables; aggregate seeds.
+
+    runs = load_run_table("runs", configs=["cartpole_study"])     # one row per done run + its config values
+    df = load_sweep(runs, ["eval/episodic_return", "charts/SPS"])  # long scalars, config values attached
+    curves = summarize(df, by=["sequence_length"], tag="eval/episodic_return")   # mean and band over seeds
+    plot_summary(curves, by=["sequence_length"])
+    run_summary_table(df, by=["sequence_length"])                 # final / best return, SPS per config
+
+Runs started by `scheduler.py` carry their config values in the scheduler's records
+(runs/_scheduler/); any other run folder carries its arguments in the "hyperparameters" text
+that the scripts write (`runs_from_folders`).
+"""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from r2d2_algo.experiments import read_records
+
+BANDS = ("ci95", "sem", "std", "range")
 
 
 def load_scalars(run_dirs: list[str | Path], tags: list[str] | None = None) -> pd.DataFrame:
@@ -37,3 +54,183 @@ def load_scalars(run_dirs: list[str | Path], tags: list[str] | None = None) -> p
     df = pd.concat(frames, ignore_index=True)
     df["wall_time"] -= df.groupby("run")["wall_time"].transform("min")
     return df
+
+
+def _parse_value(text: str):
+    """'8' → 8, '0.001' → 0.001, 'True' → True, 'None' → None, '[1, 2]' → [1, 2]; else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_hparams(run_dir: str | Path) -> dict:
+    """The arguments a script logged as the "hyperparameters" text (a |param|value| table); {} if none."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "scalars": 1})
+    acc.Reload()
+    if "hyperparameters/text_summary" not in acc.Tags()["tensors"]:
+        return {}
+    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    params = {}
+    for line in text.splitlines()[2:]:  # after the header and the |-|-| line
+        cells = line.strip().strip("|").split("|")
+        if len(cells) == 2:
+            params[cells[0].strip()] = _parse_value(cells[1].strip())
+    return params
+
+
+def load_run_table(runs_dir: str | Path = "runs", configs: list[str] | None = None,
+                   states: tuple[str, ...] | None = ("done",)) -> pd.DataFrame:
+    """One row per run recorded by scheduler.py, with its config values as columns.
+
+    Args:
+        runs_dir: the runs/ folder (the records are in runs/_scheduler/).
+        configs: config names (file stems) to keep (default: all).
+        states: record states to keep (default: done runs only, so an interrupted or failed
+            attempt is never counted; None: all).
+    Returns:
+        DataFrame with columns run (folder name, the key of `load_scalars`), run_dir, run_id,
+        config, exp_name, state, exit_code, attempts, log, then one column per config value
+        (seed, and every args / grid key; a key a config does not set is NaN there). Rows whose
+        run folder is missing have run = run_dir = None.
+    """
+    rows = []
+    for record in read_records(runs_dir, configs):
+        if states is not None and record["state"] not in states:
+            continue
+        run_dir = record.get("run_dir")
+        if run_dir is not None:  # recorded relative to the scheduler's working directory
+            run_dir = str(Path(runs_dir) / Path(run_dir).name)
+        rows.append({"run": Path(run_dir).name if run_dir else None, "run_dir": run_dir, "run_id": record["run_id"],
+                     "config": record["config_name"], "exp_name": record["exp_name"], "state": record["state"],
+                     "exit_code": record["exit_code"], "attempts": record["attempts"], "log": record["log"],
+                     **record["values"]})
+    return pd.DataFrame(rows, columns=None if rows else ["run", "run_dir", "run_id", "config", "seed"])
+
+
+def runs_from_folders(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per tensorboard folder (any run, scheduled or not), its logged arguments as columns.
+
+    Returns DataFrame with columns run (folder name), run_dir, then the hyperparameters."""
+    return pd.DataFrame([{"run": Path(d).name, "run_dir": str(d), **load_hparams(d)} for d in run_dirs])
+
+
+def load_sweep(runs: pd.DataFrame, tags: list[str] | None = None) -> pd.DataFrame:
+    """Scalars of the runs of a run table (`load_run_table` or `runs_from_folders`), each row
+    carrying its run's columns (config values), so any of them can group curves.
+
+    Returns the columns of `load_scalars` plus those of `runs`. Raises FileNotFoundError for a
+    run folder without events; rows without a run folder are skipped."""
+    runs = runs[runs["run_dir"].notna()]
+    scalars = load_scalars(list(runs["run_dir"]), tags)
+    return scalars.merge(runs.drop(columns=["run_dir"]), on="run", how="left")
+
+
+def _group_label(by: list[str], key) -> str:
+    key = key if isinstance(key, tuple) else (key,)
+    return ", ".join(f"{k}={v}" for k, v in zip(by, key)) if by else "all runs"
+
+
+def _band(values: np.ndarray, band: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, lower and upper edges over axis 0 (runs). values: (runs, points)."""
+    from scipy import stats
+
+    n = values.shape[0]
+    mean = values.mean(axis=0)
+    if band == "range":
+        return mean, values.min(axis=0), values.max(axis=0)
+    if n < 2:
+        return mean, mean.copy(), mean.copy()
+    std = values.std(axis=0, ddof=1)
+    half = {"std": std, "sem": std / np.sqrt(n), "ci95": stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)}[band]
+    return mean, mean - half, mean + half
+
+
+def summarize(df: pd.DataFrame, by: list[str], tag: str = "eval/episodic_return", x: str = "step",
+              num_points: int = 100, band: str = "ci95") -> pd.DataFrame:
+    """Mean and band across the runs (seeds) of each group, on a common grid of x.
+
+    Each run's curve is linearly interpolated onto num_points evenly spaced x values spanning the
+    range all runs of the group cover (no extrapolation), so seeds logged at different steps or
+    times average correctly.
+
+    Args:
+        df: long scalars with config columns (`load_sweep`).
+        by: columns that define a group (e.g. ["sequence_length", "burn_in_length"]); [] pools all.
+        tag: the scalar to aggregate.
+        x: "step" (environment steps) or "wall_time" (seconds since the run started).
+        band: "ci95" (Student-t 95% interval of the mean), "sem", "std" or "range" (min..max).
+    Returns:
+        DataFrame with columns *by, x, mean, lower, upper, n (runs in the group); lower = upper = mean
+        for a group of one run (except band="range").
+    Raises:
+        ValueError: an unknown band, or a `by` column missing from df.
+    """
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
+    missing = [c for c in by if c not in df.columns]
+    if missing:
+        raise ValueError(f"no column {missing} in the runs (columns: {sorted(map(str, df.columns))})")
+    df = df[df["tag"] == tag]
+    frames = []
+    for key, group in (df.groupby(by, sort=True, dropna=False) if by else [((), df)]):
+        curves = [run.groupby(x)["value"].last().sort_index() for _, run in group.groupby("run")]
+        lo, hi = max(c.index[0] for c in curves), min(c.index[-1] for c in curves)
+        if lo > hi:
+            continue  # the runs do not overlap in x
+        grid = np.linspace(lo, hi, num_points) if hi > lo else np.array([lo], dtype=float)
+        values = np.stack([np.interp(grid, c.index.to_numpy(float), c.to_numpy(float)) for c in curves])
+        mean, lower, upper = _band(values, band)
+        frame = pd.DataFrame({x: grid, "mean": mean, "lower": lower, "upper": upper, "n": len(curves)})
+        for column, value in zip(by, key if isinstance(key, tuple) else (key,)):
+            frame.insert(0, column, value)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=[*by, x, "mean", "lower", "upper", "n"])
+    return pd.concat(frames, ignore_index=True)[[*by, x, "mean", "lower", "upper", "n"]]
+
+
+def plot_summary(summary: pd.DataFrame, by: list[str], x: str = "step", ax=None, title: str = "",
+                 ylabel: str = "eval/episodic_return"):
+    """One line (mean) and shaded band per group of `summarize`'s output; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    groups = summary.groupby(by, sort=True) if by else [((), summary)]
+    for i, (key, group) in enumerate(groups):
+        color = f"C{i % 10}"
+        ax.plot(group[x], group["mean"], color=color, linewidth=2,
+                label=f"{_group_label(by, key)} (n={int(group['n'].iloc[0])})")
+        ax.fill_between(group[x], group["lower"], group["upper"], color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel({"step": "environment steps", "wall_time": "wall-clock seconds"}.get(x, x))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def run_summary_table(df: pd.DataFrame, by: list[str], return_tag: str = "eval/episodic_return",
+                      sps_tag: str = "charts/SPS") -> pd.DataFrame:
+    """Per group: final and best return, SPS and wall-clock, mean and std across runs (seeds).
+
+    Per run: final = the return at the last step logged, best = its maximum over the run,
+    SPS = the mean of `sps_tag` over the run, wall_clock = seconds from the first to the last event.
+
+    Returns DataFrame indexed by `by` with columns runs, then {final_return, best_return, SPS,
+    wall_clock}_{mean, std}."""
+    per_run = []
+    for run, group in df.groupby("run"):
+        returns = group[group["tag"] == return_tag].sort_values("step")
+        sps = group[group["tag"] == sps_tag]["value"]
+        per_run.append({"run": run, **{c: group[c].iloc[0] for c in by},
+                        "final_return": returns["value"].iloc[-1] if len(returns) else np.nan,
+                        "best_return": returns["value"].max() if len(returns) else np.nan,
+                        "SPS": sps.mean() if len(sps) else np.nan, "wall_clock": group["wall_time"].max()})
+    per_run = pd.DataFrame(per_run)
+    grouped = per_run.groupby(by, sort=True) if by else per_run.assign(_all="all runs").groupby("_all")
+    table = grouped[["final_return", "best_return", "SPS", "wall_clock"]].agg(["mean", "std"])
+    table.columns = [f"{a}_{b}" for a, b in table.columns]
+    table.insert(0, "runs", grouped.size())
+    return table

@@ -11,8 +11,8 @@ sweep. Every key is checked before anything starts:
       total_timesteps: 40000
       progress_bar: false            #   booleans become --flag / --no-flag
     grid:                            # each list is one axis; runs are the cross product
-      sequence_length: [8, 16]
       burn_in_length: [0, 8]
+      sequence_length,overlap: [[8, 4], [16, 8]]   # linked arguments: one axis, values together
     slots: 3                         # optional: cores one run occupies (default: 1, or
                                      #   num_actors + 1 when Args has num_actors)
 
@@ -243,24 +243,37 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
         if needed not in fields:
             raise ConfigError(f"{path}: script: {script}'s Args has no {needed} field (the scheduler sets it)")
 
-    sections = {}
     for section in ("args", "grid"):
-        value = config.get(section) or {}
-        if not isinstance(value, dict):
+        if not isinstance(config.get(section) or {}, dict):
             raise ConfigError(f"{path}: {section}: must be a mapping of argument names to values")
-        sections[section] = _normalise(value, section, path)
-    args, grid = sections["args"], sections["grid"]
-    for section, values in sections.items():
-        for key in values:
-            _check_name(key, section, fields, script, path)
-    for key, values in grid.items():
-        if key in args:
-            raise ConfigError(f"{path}: grid.{key}: also set in args (give it in one place)")
+    args = _normalise(config.get("args") or {}, "args", path)
+    for key in args:
+        _check_name(key, "args", fields, script, path)
+    axes = []  # (names, entries): one grid axis; an entry gives a value to each name
+    seen: set[str] = set()
+    for key, values in (config.get("grid") or {}).items():
+        names = [n.strip().lstrip("-").replace("-", "_") for n in str(key).split(",")]
+        label = ",".join(names)
+        for n in names:
+            _check_name(n, "grid", fields, script, path)
+            if n in args:
+                raise ConfigError(f"{path}: grid.{n}: also set in args (give it in one place)")
+            if n in seen:
+                raise ConfigError(f"{path}: grid.{n}: in two grid axes")
+            seen.add(n)
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: grid.{key}: must be a non-empty list of values, got {values!r}")
-        for i, v in enumerate(values):
-            if v in values[:i]:
-                raise ConfigError(f"{path}: grid.{key}: repeats the value {v!r}")
+            raise ConfigError(f"{path}: grid.{label}: must be a non-empty list of values, got {values!r}")
+        if len(names) > 1:  # linked arguments: `sequence_length,overlap: [[8, 4], [16, 8]]`
+            for v in values:
+                if not isinstance(v, list) or len(v) != len(names):
+                    raise ConfigError(f"{path}: grid.{label}: each entry must be a list of {len(names)} values "
+                                      f"(one per argument), got {v!r}")
+        entries = [tuple(v) if len(names) > 1 else (v,) for v in values]
+        for i, entry in enumerate(entries):
+            if entry in entries[:i]:
+                raise ConfigError(f"{path}: grid.{label}: repeats the value {values[i]!r}")
+        axes.append((names, entries))
+    grid_values = {n: [entry[i] for entry in entries] for names, entries in axes for i, n in enumerate(names)}
 
     seeds = config.get("seeds", 1)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -274,13 +287,13 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
         raise ConfigError(f"{path}: seeds: repeats a seed: {seeds}")
 
     # tyro parses each value alone (plus any required fields), so an error names its key
-    required = {n: args.get(n, (grid.get(n) or [dataclasses.MISSING])[0]) for n, f in fields.items()
+    required = {n: args.get(n, (grid_values.get(n) or [dataclasses.MISSING])[0]) for n, f in fields.items()
                 if field_default(f) is dataclasses.MISSING and n not in SCHEDULER_FIELDS}
     for n, v in required.items():
         if v is dataclasses.MISSING:
             raise ConfigError(f"{path}: args.{n}: {script} requires {flag(n)}")
     base = to_argv(required) + to_argv({"exp_name": "x", "seed": 1})
-    checks = [("args", k, v) for k, v in args.items()] + [("grid", k, v) for k, vs in grid.items() for v in vs]
+    checks = [("args", k, v) for k, v in args.items()] + [("grid", k, v) for k, vs in grid_values.items() for v in vs]
     for section, key, value in checks:
         try:
             parse_args(args_cls, base + to_argv({key: value}))
@@ -294,8 +307,8 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
     check_args = getattr(sys.modules[args_cls.__module__], "check_args", None)
     runs = []
     for seed in seeds:
-        for point in itertools.product(*grid.values()):
-            grid_point = dict(zip(grid, point))
+        for point in itertools.product(*(entries for _, entries in axes)):
+            grid_point = {n: v for (names, _), entry in zip(axes, point) for n, v in zip(names, entry)}
             exp_name = exp_name_of(name, grid_point)
             values = {**args, **grid_point}
             argv = to_argv({"exp_name": exp_name, "seed": seed, **values})
