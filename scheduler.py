@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import glob
 import os
 import shutil
 import signal
@@ -132,6 +133,8 @@ def visible_gpus(device_count: int | None = None, environ: dict | None = None) -
     device_count: default torch.cuda.device_count(); ids follow an inherited CUDA_VISIBLE_DEVICES."""
     environ = os.environ if environ is None else environ
     if device_count is None:
+        if sys.platform.startswith("linux") and len(glob.glob("/dev/nvidia[0-9]*")) < 2:
+            return []  # fewer than two NVIDIA devices: no need to import torch to count them
         import torch
 
         device_count = torch.cuda.device_count()

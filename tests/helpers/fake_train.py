@@ -62,7 +62,8 @@ def main(args: Args) -> int:
         return 3
     run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = EventFileWriter(f"runs/{run_name}")
-    print(f"run {run_name} pid {os.getpid()}", flush=True)
+    print(f"run {run_name} pid {os.getpid()} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{f.name}|{getattr(args, f.name)}|" for f in fields(args))
     writer.add_event(Event(wall_time=time.time(), step=0, summary=text_summary("hyperparameters", table)))
     start = time.time()
