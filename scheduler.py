@@ -166,7 +166,12 @@ class Progress:
         if bar and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=done, unit="run", desc="sweep", dynamic_ncols=True)
+            try:
+                width = os.get_terminal_size(sys.stderr.fileno()).columns
+            except OSError:
+                width = 0
+            self.bar = tqdm(total=total, initial=done, unit="run", desc="sweep", dynamic_ncols=width > 0,
+                            ncols=None if width > 0 else 100, nrows=None if width > 0 else 20)  # a pty may be 0×0
         self.total = total
 
     def message(self, text: str) -> None:
