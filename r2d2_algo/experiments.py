@@ -359,6 +359,14 @@ def load_configs(paths: list[str | Path], root: str | Path = ".") -> list[Run]:
     return runs
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Mappings as blocks, lists on one line: `sequence_length,overlap: [[8, 4], [16, 8]]`."""
+
+
+_ConfigDumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))
+
+
 def write_config(path: str | Path, script: str, args: dict | None = None, grid: dict | None = None,
                  seeds: int | list[int] = 1, description: str = "", slots: int | None = None,
                  root: str | Path = ".") -> list[Run]:
@@ -375,7 +383,7 @@ def write_config(path: str | Path, script: str, args: dict | None = None, grid: 
     tmp = Path(f"{path}.tmp")
     with open(tmp, "w") as f:
         f.write(f"# {len(runs)} runs; written by write_experiments.ipynb, run with `python scheduler.py`\n")
-        yaml.safe_dump(config, f, sort_keys=False, default_flow_style=None, allow_unicode=True)
+        yaml.dump(config, f, Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True, width=100)
     os.replace(tmp, path)
     return runs
 
