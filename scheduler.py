@@ -336,6 +336,8 @@ class Scheduler:
         for run_id, (proc, run) in list(self.procs.items()):
             if proc.poll() is not None:  # it ended on its own: its exit code stands
                 self.finished(run, proc.returncode, progress)
+        if not self.procs:
+            return
         progress.message(f"stopping {len(self.procs)} running run(s)")
         for proc, _ in self.procs.values():
             kill_group(proc.pid, signal.SIGTERM)
