@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import re
 import subprocess
 import sys
@@ -37,6 +38,7 @@ import tyro
 
 from r2d2_algo.envs import check_env_id, frame_stack_of, make_vector_env
 from r2d2_algo.model import RNNQNetwork
+from r2d2_algo.r2d2 import EnvActor
 from r2d2_algo.storage import SequenceReplayBuffer, stack_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +52,15 @@ class Args:
     """measuring time per cell (after warm-up)"""
     processes: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
-    envs_per_process: int = 4
-    """envs per actor process for the main measurements"""
+    envs_per_process: int = 16
+    """envs per actor process for the main measurements (r2d2_mp.py's default)"""
+    env_splits: int = 2
+    """Atari: the actors' env batches (r2d2_mp.py --env-splits); 1 = env and network take turns"""
+    env_threads: int = 0
+    """Atari: ale-py C++ threads per process (r2d2_mp.py --env-threads; 0: one per env of a split)"""
     scaling_processes: list[int] = field(default_factory=lambda: [1, 2])
     """actor counts of the scaling tables"""
-    scaling_total_envs: int = 8
+    scaling_total_envs: int = 32
     """total envs of the fixed-batch-size table"""
     system: bool = True
     """also measure the whole system while learning (runs r2d2_mp.py)"""
@@ -62,26 +68,31 @@ class Args:
     """where to write the JSON results"""
 
 
-def _worker(kind: str, env_id: str, num_envs: int, seconds: float, seed: int, result_queue) -> None:
+def _worker(kind: str, env_id: str, num_envs: int, num_splits: int, env_threads: int, seconds: float, seed: int,
+            result_queue) -> None:
     torch.set_num_threads(1)
     observation_space, n_actions = check_env_id(env_id)
-    envs = make_vector_env(env_id, num_envs, seed)
+    splits = num_splits if kind == "actor" else 1
+    envs = make_vector_env(env_id, num_envs, seed, num_splits=splits, num_threads=env_threads)
     net = RNNQNetwork(observation_space, n_actions)
     replay = SequenceReplayBuffer(num_envs, num_envs * 2000, observation_space.shape, observation_space.dtype,
                                   net.state_size, 40, 80, 5, 40, frame_stack=frame_stack_of(env_id))
     rng = np.random.default_rng(seed)
-    obs, _ = envs.reset(seed=seed)
-    state = net.initial_state(num_envs)
-    prev_action = torch.full((1, num_envs), -1)
-    prev_reward = torch.zeros(1, num_envs)
-    first = torch.zeros(1, num_envs, dtype=torch.bool)
-    steps, t0, deadline = 0, None, None
+    if kind == "actor":  # the actors' code itself (r2d2.EnvActor), ε = 0.01
+        actor = EnvActor(envs, net, replay, np.full(num_envs, 0.01), rng, seed)
+    else:
+        obs, _ = envs.reset(seed=seed)
+        state = net.initial_state(num_envs)
+        prev_action = torch.full((1, num_envs), -1)
+        prev_reward = torch.zeros(1, num_envs)
+        first = torch.zeros(1, num_envs, dtype=torch.bool)
+    steps, t0, cpu0, deadline = 0, None, None, None
     warmup = 2.0
     start = time.time()
     while True:
         now = time.time()
         if t0 is None and now - start > warmup:
-            t0, steps = now, 0
+            t0, cpu0, steps = now, time.process_time(), 0
             deadline = t0 + seconds
         if deadline is not None and now >= deadline:
             break
@@ -89,43 +100,48 @@ def _worker(kind: str, env_id: str, num_envs: int, seconds: float, seed: int, re
             with torch.no_grad():
                 net(torch.as_tensor(obs).unsqueeze(0), prev_action, prev_reward, first, state)
             steps += num_envs
-            continue
-        if kind == "actor":
-            with torch.no_grad():
-                q, next_state = net(torch.as_tensor(obs).unsqueeze(0), prev_action, prev_reward, first, state)
-            action = np.where(rng.random(num_envs) < 0.01, rng.integers(0, n_actions, num_envs),
-                              q[0].argmax(-1).numpy())
+        elif kind == "actor":
+            actor.step()
+            steps += num_envs // splits
         else:
-            action = rng.integers(0, n_actions, num_envs)
-        next_obs, reward, terminated, truncated, _ = envs.step(action)
-        if kind == "actor":
-            replay.add(obs, action, reward, first[0].numpy(), terminated, truncated, state.numpy())
-            state = next_state
-        obs = next_obs
-        steps += num_envs
-    result_queue.put(steps / (time.time() - t0))
+            envs.step(rng.integers(0, n_actions, num_envs))
+            steps += num_envs
+    # process_time counts every thread of the process (ale-py's C++ threads included)
+    result_queue.put((steps / (time.time() - t0), steps / (time.process_time() - cpu0)))
     envs.close()
 
 
-def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int, seconds: float) -> float:
-    """Summed steps/s (or observations/s for 'forward') of `processes` workers."""
+def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int, seconds: float,
+                  num_splits: int = 1, env_threads: int = 0) -> dict:
+    """Summed steps/s (observations/s for 'forward') of `processes` workers, and steps per CPU-second."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(kind, env_id, envs_per_process, seconds, i, q))
-               for i in range(processes)]
+    workers = [ctx.Process(target=_worker, args=(kind, env_id, envs_per_process, num_splits, env_threads, seconds,
+                                                   i, q)) for i in range(processes)]
     for w in workers:
         w.start()
-    rates = [q.get(timeout=seconds + 300) for _ in workers]
+    rates, deadline = [], time.time() + seconds + 300
+    while len(rates) < processes:
+        try:
+            rates.append(q.get(timeout=1.0))
+        except queue.Empty:
+            if time.time() > deadline or any(w.exitcode not in (None, 0) for w in workers):
+                for w in workers:
+                    w.kill()
+                raise SystemExit(f"bench_mp.py: error: a {kind} worker died or hung (exit codes "
+                                 f"{[w.exitcode for w in workers]})") from None
     for w in workers:
         w.join()
-    return float(sum(rates))
+    return {"per_second": float(sum(r[0] for r in rates)),
+            "per_cpu_second": float(np.mean([r[1] for r in rates]))}
 
 
-def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: float) -> dict:
+def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: float, env_splits: int) -> dict:
     """Run r2d2_mp.py for `seconds` past learning start and parse its last SPS log lines."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), "--env-id", env_id, "--num-actors",
-               str(processes), "--num-envs-per-actor", str(envs_per_process), "--total-timesteps", "100000000",
+               str(processes), "--num-envs-per-actor", str(envs_per_process), "--env-splits", str(env_splits),
+               "--total-timesteps", "100000000",
                "--learning-starts", "2000", "--buffer-size", "100000", "--log-interval", "5", "--eval-episodes", "0"]
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, start = [], time.time()
@@ -189,26 +205,44 @@ def replay_throughput(env_id: str, seconds: float) -> dict:
 
 
 def main(args: Args) -> None:
-    P, E, T = args.processes, args.envs_per_process, args.seconds
+    P, E, T, S = args.processes, args.envs_per_process, args.seconds, args.env_splits
+    S_atari = S if frame_stack_of(args.env_id) > 1 else 1
     results = {"args": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                                 "torch": torch.__version__}}
+                                                 "cpu_model": _cpu_model(), "torch": torch.__version__}}
     print(f"measuring {args.env_id} with {P} process(es) × {E} envs, {T:.0f} s per cell ...", flush=True)
-    main_rates = {kind: parallel_rate(kind, args.env_id, P, E, T) for kind in ("raw", "forward", "actor")}
+    main_rates = {
+        "raw": parallel_rate("raw", args.env_id, P, E, T, env_threads=args.env_threads),
+        "forward": parallel_rate("forward", args.env_id, P, E, T),
+        "actor": parallel_rate("actor", args.env_id, P, E, T, S_atari, args.env_threads),
+        "actor_one_split": parallel_rate("actor", args.env_id, P, E, T, 1, args.env_threads),
+    }
     results["main"] = main_rates
     if args.system:
-        results["system"] = system_sps(args.env_id, P, E, T)
+        results["system"] = system_sps(args.env_id, P, E, T, S)
     results["replay"] = replay_throughput(args.env_id, T / 2)
-    bound = min(main_rates["raw"], main_rates["forward"])
-    print(f"\n| measurement ({P} proc × {E} envs) | steps/s |\n|---|---|")
-    print(f"| raw env, random actions | {main_rates['raw']:.0f} |")
-    print(f"| batched policy forward (obs/s) | {main_rates['forward']:.0f} |")
-    print(f"| actors with policy + replay writes, learner idle | {main_rates['actor']:.0f} |")
-    print(f"| actor ÷ min(raw env, forward) | {main_rates['actor'] / bound:.2f} |")
+    wall = {k: v["per_second"] for k, v in main_rates.items()}
+    cpu = {k: v["per_cpu_second"] for k, v in main_rates.items()}
+    results["ratios"] = {"actor_over_min_raw_forward": wall["actor"] / min(wall["raw"], wall["forward"]),
+                         "actor_over_min_raw_forward_per_cpu_second":
+                             cpu["actor"] / min(cpu["raw"], cpu["forward"]),
+                         "serial_bound_per_cpu_second":
+                             1 / (1 / cpu["raw"] + 1 / cpu["forward"]) / min(cpu["raw"], cpu["forward"])}
+    print(f"\n| measurement ({P} proc × {E} envs) | steps/s | steps per CPU-second |\n|---|---|---|")
+    print(f"| raw env, random actions | {wall['raw']:.0f} | {cpu['raw']:.0f} |")
+    print(f"| batched policy forward (obs/s) | {wall['forward']:.0f} | {cpu['forward']:.0f} |")
+    print(f"| actors, {S_atari} env split(s), policy + replay writes, learner idle | {wall['actor']:.0f} | "
+          f"{cpu['actor']:.0f} |")
+    print(f"| actors, 1 env split (env and network take turns) | {wall['actor_one_split']:.0f} | "
+          f"{cpu['actor_one_split']:.0f} |")
+    r = results["ratios"]
+    print(f"| actor ÷ min(raw env, forward) | {r['actor_over_min_raw_forward']:.2f} | "
+          f"{r['actor_over_min_raw_forward_per_cpu_second']:.2f} |")
+    print(f"| bound for one CPU doing both, 1/(1/raw + 1/forward) ÷ min | | {r['serial_bound_per_cpu_second']:.2f} |")
     if args.system:
         s = results["system"]
-        print(f"| whole system while learning | {s['sps']:.0f} ({s['updates_per_second']:.2f} updates/s) |")
-        print(f"| system ÷ actors | {s['sps'] / main_rates['actor']:.2f} |")
-        print(f"| (system run exited {s['exit_seconds_after_ctrl_c']:.1f} s after Ctrl-C) | |")
+        print(f"| whole system while learning | {s['sps']:.0f} ({s['updates_per_second']:.2f} updates/s) | |")
+        print(f"| system ÷ actors | {s['sps'] / wall['actor']:.2f} | |")
+        print(f"| (system run exited {s['exit_seconds_after_ctrl_c']:.1f} s after Ctrl-C) | | |")
     r = results["replay"]
     print(f"\n| replay | value |\n|---|---|\n| insert (steps/s) | {r['insert_steps_per_second']:.0f} |\n"
           f"| sample 64 × 125-step windows + stacking (batches/s) | {r['sample_batches_per_second']:.1f} |\n"
@@ -216,11 +250,13 @@ def main(args: Args) -> None:
 
     fixed_batch, fixed_envs = [], []
     for p in args.scaling_processes:
-        envs = max(1, args.scaling_total_envs // p)
+        envs = max(S_atari, args.scaling_total_envs // p // S_atari * S_atari)
         fixed_batch.append({"processes": p, "envs_per_process": envs,
-                            "actor_sps": parallel_rate("actor", args.env_id, p, envs, T)})
+                            "actor_sps": parallel_rate("actor", args.env_id, p, envs, T, S_atari,
+                                                       args.env_threads)["per_second"]})
         fixed_envs.append({"processes": p, "envs_per_process": E,
-                           "actor_sps": parallel_rate("actor", args.env_id, p, E, T)})
+                           "actor_sps": parallel_rate("actor", args.env_id, p, E, T, S_atari,
+                                                      args.env_threads)["per_second"]})
     results["scaling_fixed_total_envs"], results["scaling_fixed_envs_per_process"] = fixed_batch, fixed_envs
     for title, rows in (("fixed total envs (batch size)", fixed_batch), ("fixed envs per process", fixed_envs)):
         print(f"\n| {title}: processes | envs/process | actor SPS |\n|---|---|---|")
@@ -230,6 +266,14 @@ def main(args: Args) -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwrote {args.out}")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 - Atari ids (ale-py) get the paper's preprocessing (R2D2_SPEC.md, Table 2): 84×84 grayscale,
   frame skip 4 with max-pool, 4-frame stack, full 18-action set, no reward clipping, no
   loss-of-life termination, episodes capped at 108,000 frames, up to 30 no-op starts; all
-  from gymnasium's ``AtariPreprocessing`` and ``FrameStackObservation``.
+  from gymnasium's ``AtariPreprocessing`` and ``FrameStackObservation`` for single envs
+  (evaluation, video), and from ale-py's C++ ``AtariVectorEnv`` for the actors' vector envs.
 - ``CartPoleNoVelocity-v1``: CartPole-v1 with the two velocity entries removed from the
   observation (cart position, pole angle remain), a memory task: the velocities must be
   inferred from consecutive observations, so a memoryless Q-network cannot balance well.
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import gymnasium as gym
@@ -84,8 +86,9 @@ def is_atari(env_id: str) -> bool:
     return isinstance(entry, str) and entry.startswith("ale_py")
 
 
-def make_env(env_id: str, seed: int | None = None, **atari_kwargs) -> gym.Env:
-    """One environment, with Atari preprocessing for ale-py games (see module docstring).
+def make_env(env_id: str, seed: int | None = None, render_mode: str | None = None, **atari_kwargs) -> gym.Env:
+    """One environment, with Atari preprocessing for ale-py games (see module docstring);
+    ``render_mode="rgb_array"`` for video.
 
     Raises:
         UnsupportedEnvError: unknown id or module.
@@ -93,14 +96,15 @@ def make_env(env_id: str, seed: int | None = None, **atari_kwargs) -> gym.Env:
     _spec(env_id)
     name = env_id.rpartition(":")[2]
     if is_atari(env_id):
-        return make_atari(name, **atari_kwargs)
-    env = gym.make(name)
+        return make_atari(name, render_mode=render_mode, **atari_kwargs)
+    env = gym.make(name, render_mode=render_mode)
     if seed is not None:
         env.action_space.seed(seed)
     return env
 
 
-def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAMES) -> gym.Env:
+def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAMES,
+               render_mode: str | None = None) -> gym.Env:
     """Atari as in R2D2 Table 2: full action set, 84×84 gray, skip 4 + max-pool, stack 4.
 
     Returns observations (4, 84, 84) uint8; rewards unclipped; lives ignored; episodes
@@ -111,6 +115,7 @@ def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAM
         frameskip=1,  # AtariPreprocessing does the skipping and max-pooling
         full_action_space=True,
         max_episode_steps=max_frames,  # counted in raw frames because frameskip=1
+        render_mode=render_mode,
     )
     env = gym.wrappers.AtariPreprocessing(
         env, noop_max=noop_max, frame_skip=4, screen_size=84, terminal_on_life_loss=False,
@@ -152,16 +157,47 @@ def check_env_id(env_id: str) -> tuple[gym.spaces.Box, int]:
     return obs_space, int(act_space.n)
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int, vectorization_mode: str = "sync") -> gym.vector.VectorEnv:
-    """``num_envs`` copies with NEXT_STEP autoreset and episode statistics.
+def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
+                    num_threads: int = 0) -> gym.vector.VectorEnv:
+    """``num_envs`` copies with NEXT_STEP autoreset, env i seeded ``seed + i``.
 
     NEXT_STEP autoreset is what storage.py expects: a final observation is returned with its
     done flag, and the next step returns the reset observation with reward 0.
+
+    Atari ids run in ale-py's ``AtariVectorEnv`` (emulators and preprocessing in C++ threads,
+    frame-identical to ``make_atari`` for the same actions and no-op starts). With
+    ``num_splits`` > 1 it is asynchronous (double buffering, as Sample Factory's
+    ``worker_num_splits``): ``step(actions)`` sends the actions of the envs of the batch last
+    returned and returns the next batch of ``num_envs / num_splits`` envs that is ready, named
+    by ``info["env_id"]``, so one split steps while the policy acts on another. A C++ thread
+    steps one env at a time and can run ahead by one env only, so overlap needs a thread per
+    env of a split: ``num_threads`` = 0 gives ``num_envs / num_splits`` threads. Other ids use
+    gymnasium's SyncVectorEnv (``num_splits`` must be 1).
+
+    Raises:
+        ValueError: ``num_splits`` does not divide ``num_envs``, or is > 1 for a non-Atari id.
     """
-    envs = gym.vector.SyncVectorEnv if vectorization_mode == "sync" else gym.vector.AsyncVectorEnv
-    vec = envs([lambda i=i: make_env(env_id, seed + i) for i in range(num_envs)],
-               autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    vec = gym.wrappers.vector.RecordEpisodeStatistics(vec)
+    if num_splits < 1 or num_envs % num_splits:
+        raise ValueError(f"env splits ({num_splits}) must divide the envs per actor ({num_envs})")
+    if is_atari(env_id):
+        from ale_py.vector_env import AtariVectorEnv
+
+        spec = _spec(env_id)
+        vec = AtariVectorEnv(
+            spec.kwargs["game"], num_envs, batch_size=num_envs // num_splits,
+            num_threads=num_threads if num_threads > 0 else num_envs // num_splits,
+            max_num_frames_per_episode=ATARI_MAX_FRAMES,
+            repeat_action_probability=spec.kwargs.get("repeat_action_probability", 0.0),
+            full_action_space=True, stack_num=ATARI_FRAME_STACK, frameskip=4, maxpool=True, noop_max=30,
+            episodic_life=False, reward_clipping=False, use_fire_reset=False,
+        )
+        vec.action_space.seed(seed)
+        return vec
+    if num_splits != 1:
+        raise ValueError(f"env splits > 1 need an Atari env (ale-py's AtariVectorEnv), not {env_id!r}")
+    # partial, not lambda: the vector env pickles (checkpoints save it to resume bit for bit)
+    vec = gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed + i) for i in range(num_envs)],
+                                   autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     vec.action_space.seed(seed)
     return vec
 

@@ -1,12 +1,45 @@
-"""Greedy (or ε-greedy) evaluation episodes of a recurrent Q-network."""
+"""Evaluation episodes of a recurrent Q-network, and the CLI that evaluates a saved model.
+
+    python r2d2_algo/evaluate.py --model saved_models/{run_name}/model.pt [--episodes 10]
+        [--epsilon 0.001] [--capture-video]
+
+Plays ``--episodes`` episodes side by side (one per environment, Atari with up to 30 no-op
+starts) acting ε-greedily on the saved network with its recurrent state carried through each
+episode, prints mean ± std and the per-episode returns, and writes them as JSON (default:
+``eval.json`` next to the model). ``--capture-video`` records one mp4 per episode under
+``videos/{run_name}/`` with gymnasium's RecordVideo (moviepy). The default seed is the one the
+training scripts use for their evaluations, so the final evaluation of a run made with
+``--save-model`` is reproduced exactly on the same device.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
 import numpy as np
 import torch
+import tyro
 
-from r2d2_algo.envs import make_vector_env
+from r2d2_algo.envs import check_env_id, make_env, make_vector_env
 from r2d2_algo.model import RNNQNetwork
+
+EVAL_EPSILON = 0.001
+"""ε of evaluation episodes. R2D2_SPEC.md gives none; 0.001 is the usual evaluation ε of the
+DQN family on Atari (Rainbow / Dopamine's ``epsilon_eval``), so rare random actions break
+deterministic loops."""
+EVAL_SEED_OFFSET = 10_000  # evaluation envs use seed + 10,000, apart from the training envs
+
+
+def _video_env(env_id: str, index: int, video_folder: str) -> gym.Env:
+    env = make_env(env_id, render_mode="rgb_array")
+    # NEXT_STEP autoreset starts a second episode after the first ends: record the first only
+    return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: episode == 0,
+                                    name_prefix=f"episode-{index}", disable_logger=True)
 
 
 @torch.no_grad()
@@ -17,17 +50,27 @@ def evaluate(
     seed: int,
     device: torch.device | str = "cpu",
     epsilon: float = 0.0,
+    video_folder: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Play ``num_episodes`` episodes side by side, one per environment, acting
     ε-greedily (ε = 0: greedy) on the network's Q-values with its recurrent state carried
     through the episode.
 
+    Args:
+        seed: env i is reset with seed + i; exploration draws from a Generator seeded ``seed``.
+        video_folder: if given, one mp4 per episode ``episode-{i}-episode-0.mp4`` is written there.
     Returns:
         returns: (num_episodes,) float64 undiscounted episodic returns.
         lengths: (num_episodes,) int64 episode lengths in agent steps.
     """
-    envs = make_vector_env(env_id, num_episodes, seed)
+    if video_folder is None:
+        envs = make_vector_env(env_id, num_episodes, seed)
+    else:
+        envs = gym.vector.SyncVectorEnv([lambda i=i: _video_env(env_id, i, video_folder) for i in range(num_episodes)],
+                                        autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     rng = np.random.default_rng(seed)
+    was_training = q_network.training
+    q_network.eval()
     try:
         obs, _ = envs.reset(seed=seed)
         state = q_network.initial_state(num_episodes, device)
@@ -53,3 +96,100 @@ def evaluate(
         return returns, lengths
     finally:
         envs.close()
+        q_network.train(was_training)
+
+
+def run_dir_name(model_path: str) -> str:
+    """The run name of ``saved_models/{run_name}/model.pt`` (the model file's folder name)."""
+    return os.path.basename(os.path.dirname(os.path.abspath(model_path)))
+
+
+def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = EVAL_EPSILON,
+                         seed: int | None = None, env_id: str | None = None, capture_video: bool = False,
+                         output: str | None = None, device: torch.device | str = "cpu") -> dict:
+    """Load a saved model, play ``episodes`` episodes, write the results as JSON and return them.
+
+    Args:
+        seed: evaluation seed (default: the training seed + 10,000, as the training scripts).
+        env_id: environment (default: the model's); another id must have the same spaces.
+        capture_video: record one mp4 per episode under videos/{run_name}/.
+        output: JSON path (default: eval.json next to the model).
+    Returns:
+        dict with model, env_id, episodes, epsilon, seed, returns, lengths, mean, std, videos.
+    Raises:
+        CheckpointError: missing, truncated or foreign model file.
+        UnsupportedEnvError: an env id that does not exist or does not fit the model.
+    """
+    from r2d2_algo.checkpoint import CheckpointError, load_model
+    from r2d2_algo.envs import UnsupportedEnvError
+
+    q_network, info = load_model(model_path, device)
+    env_id = info["env_id"] if env_id is None else env_id
+    if env_id != info["env_id"]:
+        observation_space, n_actions = check_env_id(env_id)
+        trained = info["observation_space"]
+        if observation_space.shape != trained.shape or n_actions != info["n_actions"]:
+            raise UnsupportedEnvError(
+                f"model {model_path!r} was trained on {info['env_id']} (observations {trained.shape}, "
+                f"{info['n_actions']} actions); {env_id} has observations {observation_space.shape}, {n_actions} actions")
+    if episodes < 1:
+        raise CheckpointError(f"--episodes must be >= 1, got {episodes}")
+    seed = info["args"]["seed"] + EVAL_SEED_OFFSET if seed is None else seed
+    video_folder = os.path.join("videos", run_dir_name(model_path)) if capture_video else None
+    start = time.time()
+    returns, lengths = evaluate(q_network, env_id, episodes, seed, device, epsilon, video_folder)
+    result = {
+        "model": model_path, "env_id": env_id, "episodes": episodes, "epsilon": epsilon, "seed": seed,
+        "mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
+        "lengths": lengths.tolist(), "seconds": time.time() - start,
+        "videos": sorted(os.path.join(video_folder, f) for f in os.listdir(video_folder) if f.endswith(".mp4"))
+        if video_folder else [],
+    }
+    output = os.path.join(os.path.dirname(model_path), "eval.json") if output is None else output
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(result, f, indent=2)
+    result["output"] = output
+    return result
+
+
+@dataclass
+class Args:
+    model: str
+    """saved model: saved_models/{run_name}/model.pt (written by --save-model)"""
+    episodes: int = 10
+    """evaluation episodes, played side by side"""
+    epsilon: float = EVAL_EPSILON
+    """ε of the ε-greedy evaluation policy (0: greedy)"""
+    seed: int | None = None
+    """evaluation seed (default: the training seed + 10,000, as the training scripts' evaluations)"""
+    env_id: str | None = None
+    """environment (default: the model's); another id must have the same observation and action spaces"""
+    capture_video: bool = False
+    """record one mp4 per episode under videos/{run_name}/"""
+    output: str | None = None
+    """JSON file for the results (default: eval.json next to the model)"""
+    cuda: bool = True
+    """if toggled and CUDA is available, the network runs on the GPU"""
+
+
+def main(args: Args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    try:
+        result = evaluate_saved_model(args.model, args.episodes, args.epsilon, args.seed, args.env_id,
+                                      args.capture_video, args.output, device)
+    except ValueError as e:  # CheckpointError, UnsupportedEnvError: one line
+        raise SystemExit(f"evaluate.py: error: {e}") from None
+    print(f"{result['env_id']}: {result['mean']:.2f} ± {result['std']:.2f} over {result['episodes']} episodes "
+          f"(ε = {result['epsilon']}, seed {result['seed']})")
+    print("returns: " + ", ".join(f"{r:g}" for r in result["returns"]))
+    for video in result["videos"]:
+        print(f"video: {video}")
+    print(f"results written to {result['output']}")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:
+        sys.exit("evaluate.py: interrupted")

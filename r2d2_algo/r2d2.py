@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -26,10 +27,35 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from r2d2_algo.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    explicit_cli_fields,
+    from_storable,
+    load_checkpoint,
+    merge_resume_args,
+    pickled_envs,
+    restore_rng_states,
+    rng_states,
+    save_model,
+    to_storable,
+    unpickle_envs,
+)
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
-from r2d2_algo.evaluate import evaluate
+from r2d2_algo.evaluate import (
+    EVAL_EPSILON,
+    EVAL_SEED_OFFSET,
+    evaluate,
+    evaluate_saved_model,
+)
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities, stack_frames
+from r2d2_algo.storage import (
+    SequenceBatch,
+    SequenceReplayBuffer,
+    sequence_priorities,
+    stack_frames,
+)
 
 
 @dataclass
@@ -43,7 +69,14 @@ class Args:
     cuda: bool = True
     """if toggled and CUDA is available, the network runs on the GPU"""
     save_model: bool = False
-    """whether to save the model to `saved_models/{run_name}/model.pt` at the end"""
+    """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
+    checkpoint_interval: int = 0
+    """environment steps between checkpoints in `saved_checkpoints/{run_name}/` (0: none); when on, Ctrl-C and
+    SIGTERM write a last one"""
+    checkpoint_replay: bool = True
+    """checkpoints include the replay and its priorities (else a resumed run refills it)"""
+    resume: str | None = None
+    """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
 
     # Environment
     env_id: str = "CartPole-v1"
@@ -109,13 +142,18 @@ class Args:
     eval_interval: int = 5_000
     """environment steps between greedy evaluations (0: only at the end)"""
     eval_episodes: int = 10
-    """episodes per greedy evaluation (0: no evaluation)"""
+    """episodes per evaluation (0: no evaluation)"""
+    eval_epsilon: float = EVAL_EPSILON
+    """ε of evaluation episodes (evaluate.py's default)"""
     log_interval: int = 1_000
     """environment steps between scalar logs"""
     progress_bar: bool = True
     """show a tqdm progress bar with SPS and recent return"""
 
 
+# arguments a resumed run may change on its command line; every other one comes from the checkpoint
+RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
+                  "eval_episodes", "eval_epsilon", "log_interval", "progress_bar")
 POSITIVE_ARGS = ("total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
                  "sequence_length", "batch_size", "n_step", "target_network_update_period", "log_interval")
 
@@ -127,7 +165,7 @@ def check_args(args, positive: tuple[str, ...] = POSITIVE_ARGS) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes"]:
+    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval"]:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.gamma <= 1.0:
@@ -138,6 +176,8 @@ def check_args(args, positive: tuple[str, ...] = POSITIVE_ARGS) -> None:
         raise ValueError(f"--value-rescaling-epsilon must be >= 0, got {args.value_rescaling_epsilon}")
     if not 0.0 <= args.priority_eta <= 1.0:
         raise ValueError(f"--priority-eta must be in [0, 1], got {args.priority_eta}")
+    if not 0.0 <= args.eval_epsilon <= 1.0:
+        raise ValueError(f"--eval-epsilon must be in [0, 1], got {args.eval_epsilon}")
 
 
 # ALGO LOGIC: acting
@@ -146,9 +186,13 @@ class EnvActor:
 
     Acts ε-greedily on the recurrent Q-network, env i with ε = epsilons[i] (its rung of the
     Ape-X ladder), carrying the recurrent state through each episode, and writes every step to
-    the replay with the state that entered it (the stored state). With gymnasium's NEXT_STEP
-    autoreset the step after a final observation returns the reset observation, which
-    begins an episode: the core's state is reset there and the previous action/reward are none.
+    the replay with the state that entered it (the stored state). With NEXT_STEP autoreset the
+    step after a final observation returns the reset observation, which begins an episode:
+    the core's state is reset there and the previous action/reward are none.
+
+    The envs may be asynchronous (``make_vector_env(num_splits > 1)``): each ``step`` acts in
+    the envs whose observations are at hand and the env returns another batch (its
+    ``info["env_id"]``); a step is written to the replay when its reward comes back.
 
     Args:
         envs: vector env of E envs (NEXT_STEP autoreset), reset here with ``seed``.
@@ -162,40 +206,82 @@ class EnvActor:
                  rng: np.random.Generator, seed: int, device: torch.device | str = "cpu",
                  streams: np.ndarray | None = None):
         self.envs, self.q_network, self.replay, self.epsilons, self.rng = envs, q_network, replay, epsilons, rng
-        self.device, self.streams = device, streams
+        self.device = device
         self.num_envs, self.n_actions = len(epsilons), int(envs.single_action_space.n)
         E = self.num_envs
-        self.obs, _ = envs.reset(seed=seed)
-        self.state = q_network.initial_state(E, device)  # (E, state_size) entering `obs`
+        self.streams = np.arange(E) if streams is None else np.asarray(streams)
+        self.obs, info = envs.reset(seed=seed)
+        self.env_ids = np.asarray(info["env_id"]) if "env_id" in info else np.arange(E)  # envs of `obs`
+        self.state = q_network.initial_state(E, device)  # (E, state_size) entering each env's current obs
         self.prev_action = np.full(E, -1, dtype=np.int64)
         self.prev_reward = np.zeros(E, dtype=np.float32)
         self.first = np.ones(E, dtype=bool)
-        self.obs_terminated = np.zeros(E, dtype=bool)  # `obs` is a final observation
+        self.obs_terminated = np.zeros(E, dtype=bool)  # the env's current obs is a final observation
         self.obs_truncated = np.zeros(E, dtype=bool)
+        # the step each env is taking: written to replay when its reward comes back
+        space = envs.single_observation_space
+        self.pending_obs = np.zeros((E, *space.shape), dtype=space.dtype)
+        self.pending_action = np.zeros(E, dtype=np.int64)
+        self.pending_state = np.zeros((E, q_network.state_size), dtype=np.float32)
+        self.episode_return = np.zeros(E)
+        self.episode_length = np.zeros(E, dtype=np.int64)
+        self.env_steps = 0  # steps written to replay
 
-    def step(self) -> dict:
-        """Act once in every env and write the step to replay; returns the envs' infos."""
+    def step(self) -> list[tuple[int, float, int]]:
+        """Act once in the envs at hand and write the steps that completed to replay.
+
+        Returns:
+            (env index, return, length in agent steps) of each episode that ended.
+        """
+        ids = self.env_ids
+        state = self.state[ids]
         with torch.no_grad():
             q, next_state = self.q_network(
                 torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
-                torch.as_tensor(self.prev_action, device=self.device).unsqueeze(0),
-                torch.as_tensor(self.prev_reward, device=self.device).unsqueeze(0),
-                torch.as_tensor(self.first, device=self.device).unsqueeze(0),
-                self.state,
+                torch.as_tensor(self.prev_action[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_reward[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.first[ids], device=self.device).unsqueeze(0),
+                state,
             )
         greedy = q[0].argmax(dim=-1).cpu().numpy()
-        explore = self.rng.random(self.num_envs) < self.epsilons
-        action = np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
+        explore = self.rng.random(len(ids)) < self.epsilons[ids]
+        action = np.where(explore, self.rng.integers(0, self.n_actions, len(ids)), greedy)
+        self.pending_obs[ids] = self.obs
+        self.pending_action[ids] = action
+        self.pending_state[ids] = state.cpu().numpy()
+        self.state[ids] = next_state
         next_obs, reward, terminated, truncated, infos = self.envs.step(action)
-        self.replay.add(self.obs, action, reward, self.first, self.obs_terminated, self.obs_truncated,
-                        self.state.cpu().numpy(), streams=self.streams)
-        # the step after a final observation returns the reset observation (NEXT_STEP autoreset)
-        self.first = self.obs_terminated | self.obs_truncated
-        self.prev_action = np.where(self.first, -1, action)
-        self.prev_reward = np.where(self.first, 0.0, reward).astype(np.float32)
-        self.obs, self.obs_terminated, self.obs_truncated = next_obs, terminated, truncated
-        self.state = next_state
-        return infos
+        back = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs whose step completed
+        self.env_steps += len(back)
+
+        was_final = self.obs_terminated[back] | self.obs_truncated[back]  # this step was the reset
+        self.replay.add(self.pending_obs[back], self.pending_action[back], reward, self.first[back],
+                        self.obs_terminated[back], self.obs_truncated[back], self.pending_state[back],
+                        streams=self.streams[back])
+        self.episode_return[back] += np.where(was_final, 0.0, reward)
+        self.episode_length[back] += ~was_final
+        ended = back[terminated | truncated]
+        finished = [(int(i), float(self.episode_return[i]), int(self.episode_length[i])) for i in ended]
+        self.episode_return[ended], self.episode_length[ended] = 0.0, 0
+        self.first[back] = was_final
+        self.prev_action[back] = np.where(was_final, -1, self.pending_action[back])
+        self.prev_reward[back] = np.where(was_final, 0.0, reward)
+        self.obs, self.env_ids = next_obs, back
+        self.obs_terminated[back], self.obs_truncated[back] = terminated, truncated
+        return finished
+
+    STATE = ("obs", "env_ids", "prev_action", "prev_reward", "first", "obs_terminated", "obs_truncated",
+             "pending_obs", "pending_action", "pending_state", "episode_return", "episode_length", "env_steps")
+
+    def state_dict(self) -> dict:
+        """Everything of the acting loop but the envs (for a checkpoint)."""
+        return {"state": self.state.cpu().numpy(), **{name: getattr(self, name) for name in self.STATE}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict`` with the envs as they were when it was taken."""
+        for name in self.STATE:
+            setattr(self, name, state[name])
+        self.state = torch.as_tensor(state["state"], device=self.device)
 
 
 # ALGO LOGIC: value rescaling and n-step double-Q targets (R2D2 Sec. 2.3; Pohlen et al. 2018)
@@ -313,13 +399,37 @@ def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int 
     return out
 
 
-def main(args: Args) -> None:
+class StopRequest:
+    """Ctrl-C / SIGTERM handler: records the signal; the training loop stops at the end of its
+    iteration (after writing a checkpoint when checkpoints are on)."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self)
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def main(args: Args, argv: list[str] | None = None) -> int:
+    """Train; returns the exit code (0, or 128 + signal when stopped by Ctrl-C / SIGTERM)."""
+    checkpoint = None
     try:  # everything that can refuse the arguments runs before the run folder is created
+        if args.resume is not None:
+            checkpoint = load_checkpoint(args.resume)
+            args = merge_resume_args(args, checkpoint["args"], explicit_cli_fields(sys.argv[1:] if argv is None else argv),
+                                     RESUMABLE_ARGS)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
     except ValueError as e:
         raise SystemExit(f"r2d2.py: error: {e}") from None
-    run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint is not None:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -347,39 +457,91 @@ def main(args: Args) -> None:
         raise SystemExit(f"r2d2.py: error: {e}") from None
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)
     epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,)
+    actor = EnvActor(envs, q_network, rb, epsilons, rng, args.seed, device)
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    # the loop's counters: all of them go into checkpoints, so a resumed run continues exactly
+    progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "eval_return": float("nan"),
+                "next_eval": args.eval_interval if args.eval_interval > 0 else args.total_timesteps,
+                "next_checkpoint": args.checkpoint_interval, "last_log_step": 0, "last_log_updates": 0,
+                "last_log_added": 0, "learn_from": args.learning_starts, "updates_base": 0}
+    recent_returns: deque[float] = deque(maxlen=20)
+    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
+    if checkpoint is not None:
+        try:
+            q_network.load_state_dict(checkpoint["q_network"])
+            target_network.load_state_dict(checkpoint["target_network"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            progress.update(checkpoint["progress"])
+            recent_returns.extend(checkpoint["recent_returns"])
+            if checkpoint["replay"] is not None:
+                rb.load_state_dict(from_storable(checkpoint["replay"]))
+            else:  # an empty replay: learning starts again after learning_starts new steps
+                progress.update(learn_from=progress["global_step"] + args.learning_starts,
+                                updates_base=progress["updates"])
+            if checkpoint["envs"] is not None:  # the envs exactly as they were: the run continues bit for bit
+                envs.close()
+                envs = actor.envs = unpickle_envs(checkpoint["envs"])
+                actor.load_state_dict(from_storable(checkpoint["actor"]))
+            else:  # envs that cannot be saved (ale-py) start new episodes; the replay's streams are cut there
+                envs.close()
+                envs = actor.envs = make_vector_env(args.env_id, args.num_envs, args.seed + progress["global_step"])
+                actor.__init__(envs, q_network, rb, epsilons, rng, args.seed + progress["global_step"], device)
+                rb.truncate_streams()
+                print("the envs could not be saved in the checkpoint (e.g. ale-py's): new episodes start here")
+            restore_rng_states(checkpoint["rng"], rng)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            envs.close()
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"r2d2.py: error: checkpoint {args.resume!r} does not fit this run: {first_line[:160]}") \
+                from None
+        print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)")
+        del checkpoint  # the replay copy can be large
+
+    def write_checkpoint() -> None:
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
+            "progress": {**progress, "elapsed": time.time() - start_time},
+            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": rng_states(rng), "recent_returns": list(recent_returns),
+            "actor": to_storable(actor.state_dict()), "envs": pickled_envs(envs),
+            "replay": to_storable(rb.state_dict()) if args.checkpoint_replay else None,
+        }, checkpoint_file)
+        tqdm.write(f"step {progress['global_step']}: checkpoint written to {checkpoint_file}")
+
+    # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"] else None)
+    if progress["global_step"] == 0:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device}, replay "
           f"{rb.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
 
-    actor = EnvActor(envs, q_network, rb, epsilons, rng, args.seed, device)
-
-    global_step, updates, eval_return = 0, 0, float("nan")
-    recent_returns: deque[float] = deque(maxlen=20)
-    start_time = time.time()
-    last_log = {"time": start_time, "step": 0, "updates": 0, "added": 0}
+    start_time = time.time() - progress["elapsed"]
+    last_log_time = time.time()
     updates_per_step = args.replay_ratio / (args.batch_size * args.sequence_length)
-    next_eval = args.eval_interval if args.eval_interval > 0 else args.total_timesteps
-    bar = tqdm(total=args.total_timesteps, disable=not args.progress_bar, unit="step", dynamic_ncols=True)
+    stats = None
+    stop = StopRequest()
+    bar = tqdm(total=args.total_timesteps, initial=progress["global_step"], disable=not args.progress_bar, unit="step",
+               dynamic_ncols=True)
     try:
-        while global_step < args.total_timesteps:
+        while progress["global_step"] < args.total_timesteps and not stop.signum:
             # ALGO LOGIC: act ε-greedily with the recurrent state, one rung of the ladder per env
-            infos = actor.step()
-            global_step += args.num_envs
+            finished = actor.step()
+            progress["global_step"] += args.num_envs
+            global_step = progress["global_step"]
             bar.update(args.num_envs)
 
-            if "episode" in infos:
-                for i in np.flatnonzero(infos["_episode"]):
-                    recent_returns.append(float(infos["episode"]["r"][i]))
-                    writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-                    writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+            for _, episodic_return, episodic_length in finished:
+                recent_returns.append(episodic_return)
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
 
             # ALGO LOGIC: training, throttled to the replay ratio
-            if global_step >= args.learning_starts and rb.num_valid_sequences > 0:
-                updates_due = int((global_step - args.learning_starts) * updates_per_step) + 1
-                while updates < updates_due:
+            log_due = global_step - progress["last_log_step"] >= args.log_interval
+            if global_step >= progress["learn_from"] and rb.num_valid_sequences > 0:
+                updates_due = progress["updates_base"] + int((global_step - progress["learn_from"]) * updates_per_step) + 1
+                while progress["updates"] < updates_due:
                     batch = rb.sample(args.batch_size, rng)
                     loss, priorities, stats = r2d2_loss(
                         q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
@@ -390,15 +552,15 @@ def main(args: Args) -> None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
                     optimizer.step()
                     rb.update_priorities(batch.indices, batch.sequence_ids, priorities)
-                    updates += 1
-                    if updates % args.target_network_update_period == 0:
+                    progress["updates"] += 1
+                    if progress["updates"] % args.target_network_update_period == 0:
                         target_network.load_state_dict(q_network.state_dict())
 
-                if global_step - last_log["step"] >= args.log_interval:
-                    now = time.time()
-                    dt = now - last_log["time"]
-                    new_updates = updates - last_log["updates"]
-                    new_sequences = rb.num_sequences_added - last_log["added"]
+                if log_due and stats is not None:
+                    dt = time.time() - last_log_time
+                    updates = progress["updates"]
+                    new_updates = updates - progress["last_log_updates"]
+                    new_sequences = rb.num_sequences_added - progress["last_log_added"]
                     writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
                     writer.add_scalar("losses/q_values", stats["q_values"], global_step)
                     writer.add_scalar("losses/grad_norm", float(grad_norm), global_step)
@@ -413,40 +575,66 @@ def main(args: Args) -> None:
                     writer.add_scalar("replay/mean_priority", float(np.mean(priorities)), global_step)
                     writer.add_scalar("replay/max_priority", rb.max_priority, global_step)
                     writer.add_scalar("charts/parameter_lag", 0, global_step)  # actors act with the learner's net
-                    last_log.update(updates=updates, added=rb.num_sequences_added)
+                    progress.update(last_log_updates=updates, last_log_added=rb.num_sequences_added)
 
-            if global_step - last_log["step"] >= args.log_interval:
+            if log_due:
                 now = time.time()
-                sps = (global_step - last_log["step"]) / (now - last_log["time"])
+                sps = (global_step - progress["last_log_step"]) / (now - last_log_time)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/epsilon", float(epsilons.mean()), global_step)
-                last_log.update(time=now, step=global_step)
+                last_log_time = now
+                progress["last_log_step"] = global_step
                 mean_return = np.mean(recent_returns) if recent_returns else float("nan")
-                bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", eval=f"{eval_return:.1f}", upd=updates)
+                bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", eval=f"{progress['eval_return']:.1f}",
+                                upd=progress["updates"])
 
-            if args.eval_episodes > 0 and (global_step >= next_eval or global_step >= args.total_timesteps):
-                returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + 10_000, device)
-                eval_return = float(returns.mean())
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
-                writer.add_scalar("eval/wall_clock_seconds", time.time() - start_time, global_step)
-                tqdm.write(f"step {global_step}: eval return {eval_return:.1f} ± {returns.std():.1f} "
-                           f"({time.time() - start_time:.0f}s, {updates} updates)")
-                next_eval += args.eval_interval if args.eval_interval > 0 else args.total_timesteps
+            final_step = global_step >= args.total_timesteps
+            # with --save-model the final evaluation is that of the saved model, below
+            if args.eval_episodes > 0 and (global_step >= progress["next_eval"] or final_step) \
+                    and not (final_step and args.save_model):
+                returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
+                                      args.eval_epsilon)
+                log_evaluation(writer, returns, global_step, time.time() - start_time)
+                progress["eval_return"] = float(returns.mean())
+                tqdm.write(f"step {global_step}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
+                           f"({time.time() - start_time:.0f}s, {progress['updates']} updates)")
+            while global_step >= progress["next_eval"]:
+                progress["next_eval"] += args.eval_interval if args.eval_interval > 0 else args.total_timesteps
 
+            if args.checkpoint_interval > 0 and (global_step >= progress["next_checkpoint"] or stop.signum):
+                while progress["next_checkpoint"] <= global_step:
+                    progress["next_checkpoint"] += args.checkpoint_interval
+                write_checkpoint()
+
+        if stop.signum:
+            print(f"r2d2.py: stopped by signal {stop.signum} at step {progress['global_step']:,}"
+                  + (f"; resume with --resume {os.path.dirname(checkpoint_file)}" if args.checkpoint_interval else ""))
+            return 128 + stop.signum
         if args.save_model:
             model_path = f"saved_models/{run_name}/model.pt"
-            os.makedirs(os.path.dirname(model_path), exist_ok=True)
-            torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
+            save_model(model_path, q_network, args, observation_space, n_actions)
             print(f"model saved to {model_path}")
+            if args.eval_episodes > 0:
+                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+                log_evaluation(writer, np.array(result["returns"]), progress["global_step"], time.time() - start_time)
+                print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+                      f"(written to {result['output']})")
+        return 0
     finally:
         bar.close()
         envs.close()
         writer.close()
 
 
+def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
+    """eval/* scalars of one evaluation (both scripts)."""
+    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
+    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
+    writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        sys.exit(main(tyro.cli(Args)))
     except KeyboardInterrupt:
         sys.exit("r2d2.py: interrupted")

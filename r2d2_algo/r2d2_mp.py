@@ -46,11 +46,30 @@ import tyro
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
+from r2d2_algo.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    explicit_cli_fields,
+    from_storable,
+    load_checkpoint,
+    merge_resume_args,
+    restore_rng_states,
+    rng_states,
+    save_model,
+    to_storable,
+)
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
-from r2d2_algo.evaluate import evaluate
+from r2d2_algo.evaluate import (
+    EVAL_EPSILON,
+    EVAL_SEED_OFFSET,
+    evaluate,
+    evaluate_saved_model,
+)
 from r2d2_algo.model import RNNQNetwork, parameter_count
 from r2d2_algo.r2d2 import EnvActor, batch_to_torch, r2d2_loss
 from r2d2_algo.r2d2 import check_args as r2d2_check_args
+from r2d2_algo.r2d2 import log_evaluation as write_evaluation
 from r2d2_algo.shared import SharedArrays, available_memory_bytes
 from r2d2_algo.storage import SequenceReplayBuffer
 
@@ -66,7 +85,14 @@ class Args:
     cuda: bool = True
     """if toggled and CUDA is available, the learner runs on the GPU"""
     save_model: bool = False
-    """whether to save the model to `saved_models/{run_name}/model.pt` at the end"""
+    """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
+    checkpoint_interval: int = 0
+    """environment steps between checkpoints in `saved_checkpoints/{run_name}/` (0: none); when on, Ctrl-C and
+    SIGTERM write a last one"""
+    checkpoint_replay: bool = True
+    """checkpoints include the replay and its priorities (else a resumed run refills it)"""
+    resume: str | None = None
+    """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
 
     # Environment and actors
     env_id: str = "PongNoFrameskip-v4"
@@ -75,8 +101,13 @@ class Args:
     """total environment steps (summed over all actors' envs)"""
     num_actors: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes (default: the cores left after the learner)"""
-    num_envs_per_actor: int = 4
-    """environments per actor, stepped together with one batched forward pass"""
+    num_envs_per_actor: int = 16
+    """environments per actor, acted on with batched forward passes (one per env split)"""
+    env_splits: int = 2
+    """Atari: each actor's envs step in this many batches, one stepping in ale-py's C++ threads while
+    the network acts on another (double buffering); other envs always use 1"""
+    env_threads: int = 0
+    """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: one per env of a split"""
     actor_update_interval: int = 400
     """environment steps (per env) between an actor's weight refreshes (paper: 400)"""
     epsilon_base: float = 0.4
@@ -136,7 +167,9 @@ class Args:
     eval_interval: int = 0
     """environment steps between greedy evaluations (0: only at the end)"""
     eval_episodes: int = 10
-    """episodes per greedy evaluation (0: no evaluation)"""
+    """episodes per evaluation (0: no evaluation)"""
+    eval_epsilon: float = EVAL_EPSILON
+    """ε of evaluation episodes (evaluate.py's default)"""
     log_interval: float = 10.0
     """seconds between scalar logs"""
 
@@ -167,12 +200,15 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
               stored_state, start_prev_action, start_prev_reward (per sequence), write_count
     weights:  the learner's parameters as one float32 vector, and weights_version (its update count)
     counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
+    checkpoints: pause (the learner asks the actors to wait), actor_paused (each actor waits)
     """
     replay = SequenceReplayBuffer(**replay_kwargs, index=True, allocate=arrays.allocate)
     arrays.allocate("weights", (num_params,), np.float32)
     arrays.allocate("weights_version", (1,), np.int64)
     arrays.allocate("actor_steps", (num_actors,), np.int64)
     arrays.allocate("actor_weights_version", (num_actors,), np.int64)
+    arrays.allocate("pause", (1,), np.int64)  # set by the learner while it writes a checkpoint
+    arrays.allocate("actor_paused", (num_actors,), np.int64)  # each actor's acknowledgement
     return replay
 
 
@@ -183,10 +219,13 @@ def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
 
 # ACTOR PROCESS
 def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_lock, stop_event,
-                  episode_queue, error_queue, observation_space, n_actions: int, parent_pid: int) -> None:
+                  episode_queue, error_queue, observation_space, n_actions: int, parent_pid: int,
+                  seed_offset: int = 0) -> None:
     """Step ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the network and
     write every step to the shared replay. Env j of this actor is stream / ε rung
-    actor_id · num_envs_per_actor + j."""
+    actor_id · num_envs_per_actor + j. While the learner's ``pause`` flag is set (a checkpoint
+    is being written) the actor waits between steps. ``seed_offset`` (the resumed step count)
+    gives a resumed run new episodes."""
     torch.set_num_threads(1)
     arrays = SharedArrays.attach(layout)
     envs = None
@@ -197,9 +236,12 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         net = make_network(args, observation_space, n_actions)
         replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
         weights, version = arrays["weights"], arrays["weights_version"]
-        rng = np.random.default_rng(args.seed + 1000 * (actor_id + 1))
-        torch.manual_seed(args.seed + 1000 * (actor_id + 1))
-        envs = make_vector_env(args.env_id, E, args.seed + 1000 * (actor_id + 1))
+        seed = args.seed + 1000 * (actor_id + 1) + seed_offset
+        rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        atari = frame_stack_of(args.env_id) > 1
+        envs = make_vector_env(args.env_id, E, seed, num_splits=args.env_splits if atari else 1,
+                               num_threads=args.env_threads)
 
         def refresh_weights() -> None:
             with weights_lock:
@@ -207,19 +249,26 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
                 arrays["actor_weights_version"][actor_id] = version[0]
 
         refresh_weights()
-        actor = EnvActor(envs, net, replay, epsilons, rng, args.seed + 1000 * (actor_id + 1), streams=streams)
-        steps = 0
+        actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
+        refreshed_at = 0  # env steps per env at the last refresh
+        steps_before = int(arrays["actor_steps"][actor_id])  # a resumed run continues the count
+        pause, paused = arrays["pause"], arrays["actor_paused"]
         while not stop_event.is_set():
             if os.getppid() != parent_pid:
                 return  # the learner is gone: nobody will read what we write
-            infos = actor.step()
-            steps += 1
-            arrays["actor_steps"][actor_id] = steps * E
-            if "episode" in infos:
-                for i in np.flatnonzero(infos["_episode"]):
-                    episode_queue.put((actor_id, float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])))
-            if steps % args.actor_update_interval == 0 and version[0] != arrays["actor_weights_version"][actor_id]:
-                refresh_weights()
+            if pause[0]:
+                paused[actor_id] = 1
+                while pause[0] and not stop_event.is_set() and os.getppid() == parent_pid:
+                    time.sleep(0.01)
+                paused[actor_id] = 0
+                continue
+            for _, episodic_return, episodic_length in actor.step():
+                episode_queue.put((actor_id, episodic_return, episodic_length))
+            arrays["actor_steps"][actor_id] = steps_before + actor.env_steps
+            if actor.env_steps // E - refreshed_at >= args.actor_update_interval:
+                refreshed_at = actor.env_steps // E
+                if version[0] != arrays["actor_weights_version"][actor_id]:
+                    refresh_weights()
     except Exception:
         error_queue.put((f"actor-{actor_id}", traceback.format_exc()))
         raise SystemExit(1)
@@ -241,6 +290,7 @@ class Prefetcher(threading.Thread):
         self.batches: queue.Queue = queue.Queue(maxsize=depth)
         self.priority_updates: queue.Queue = queue.Queue()
         self.stop = threading.Event()
+        self.lock = threading.Lock()  # held while the index is used; the learner takes it to checkpoint
         self.error: BaseException | None = None
 
     def apply_priority_updates(self) -> None:
@@ -253,36 +303,53 @@ class Prefetcher(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                self.apply_priority_updates()
-                self.replay.sync()
-                if self.replay.num_valid_sequences == 0:
+                with self.lock:
+                    self.apply_priority_updates()
+                    self.replay.sync()
+                    batch = self.replay.sample(self.batch_size, self.rng) if self.replay.num_valid_sequences else None
+                if batch is None:
                     time.sleep(0.01)
                     continue
-                batch = self.replay.sample(self.batch_size, self.rng)
                 while not self.stop.is_set():
                     try:
                         self.batches.put(batch, timeout=0.05)
                         break
                     except queue.Full:
-                        self.apply_priority_updates()
+                        with self.lock:
+                            self.apply_priority_updates()
         except BaseException as e:  # handed to the learner, which stops the run
             self.error = e
 
 
 def check_args(args: Args) -> None:
     """r2d2.py's checks with this script's integer fields; one-line ValueError."""
-    r2d2_check_args(args, positive=("total_timesteps", "num_actors", "num_envs_per_actor", "actor_update_interval",
-                                    "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
+    r2d2_check_args(args, positive=("total_timesteps", "num_actors", "num_envs_per_actor", "env_splits",
+                                    "actor_update_interval", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
                                     "sequence_length", "batch_size", "n_step", "target_network_update_period"))
     if args.log_interval <= 0:
         raise ValueError(f"--log-interval must be > 0, got {args.log_interval}")
+    if args.env_threads < 0:
+        raise ValueError(f"--env-threads must be >= 0, got {args.env_threads}")
 
 
-def main(args: Args) -> int:
+# arguments a resumed run may change on its command line; every other one comes from the checkpoint
+RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
+                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads")
+
+
+def main(args: Args, argv: list[str] | None = None) -> int:
+    checkpoint = None
     try:
+        if args.resume is not None:
+            checkpoint = load_checkpoint(args.resume)
+            args = merge_resume_args(args, checkpoint["args"], explicit_cli_fields(sys.argv[1:] if argv is None else argv),
+                                     RESUMABLE_ARGS)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)
+        if frame_stack > 1 and args.num_envs_per_actor % args.env_splits:
+            raise ValueError(f"--env-splits ({args.env_splits}) must divide --num-envs-per-actor "
+                             f"({args.num_envs_per_actor})")
     except ValueError as e:
         raise SystemExit(f"r2d2_mp.py: error: {e}") from None
 
@@ -310,7 +377,15 @@ def main(args: Args) -> int:
                          f"{replay_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is free; "
                          f"lower --buffer-size")
 
-    run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint is not None:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
+    # the loop's counters (checkpointed)
+    progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
+                "next_eval": args.eval_interval if args.eval_interval > 0 else None,
+                "next_checkpoint": args.checkpoint_interval}
     ctx = mp.get_context("spawn")
     arrays = SharedArrays()
     stop_event = ctx.Event()
@@ -339,7 +414,26 @@ def main(args: Args) -> int:
                 weights[:] = parameters_to_vector(q_network.parameters()).detach().cpu().numpy()
                 version[0] = updates
 
-        publish_weights(0)
+        learner_rng = np.random.default_rng(args.seed)  # the prefetch thread's sampling
+        if checkpoint is not None:
+            try:
+                q_network.load_state_dict(checkpoint["q_network"])
+                target_network.load_state_dict(checkpoint["target_network"])
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                progress.update(checkpoint["progress"])
+                arrays["actor_steps"][:] = checkpoint["actor_steps"].numpy()
+                if checkpoint["replay"] is not None:
+                    replay.load_state_dict(from_storable(checkpoint["replay"]))
+                    replay.truncate_streams()  # the actors' envs start new episodes
+                restore_rng_states(checkpoint["rng"], learner_rng)
+            except (KeyError, RuntimeError, ValueError, TypeError) as e:
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise SystemExit(f"r2d2_mp.py: error: checkpoint {args.resume!r} does not fit this run: "
+                                 f"{first_line[:160]}") from None
+            print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)",
+                  flush=True)
+            del checkpoint
+        publish_weights(progress["updates"])
         print(f"run {run_name}: {parameter_count(q_network):,} parameters, learner on {device}, "
               f"{args.num_actors} actors × {args.num_envs_per_actor} envs, replay {args.buffer_size:,} observations "
               f"= {replay_bytes / 2**30:.2f} GiB in shared memory", flush=True)
@@ -350,26 +444,56 @@ def main(args: Args) -> int:
             for actor_id in range(args.num_actors):
                 p = ctx.Process(target=actor_process, name=f"actor-{actor_id}", daemon=True,
                                 args=(actor_id, args, arrays.layout, replay_kwargs, weights_lock, stop_event,
-                                      episode_queue, error_queue, observation_space, n_actions, os.getpid()))
+                                      episode_queue, error_queue, observation_space, n_actions, os.getpid(),
+                                      progress["global_step"]))
                 p.start()
                 actors.append(p)
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
 
-        writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"]
+                               else None)
+        if progress["global_step"] == 0:
+            writer.add_text("hyperparameters",
+                            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         prefetcher = Prefetcher(replay, args.batch_size, args.seed)
+        prefetcher.rng = learner_rng
         prefetcher.start()
 
         actor_steps = arrays["actor_steps"][: args.num_actors]
-        start_time = last_log_time = time.time()
-        last = {"steps": np.zeros(args.num_actors, dtype=np.int64), "updates": 0, "added": 0}
-        updates, sample_wait, recent_returns = 0, 0.0, deque(maxlen=20)
+        start_time = time.time() - progress["elapsed"]
+        last_log_time = time.time()
+        last = {"steps": actor_steps.copy(), "updates": progress["updates"], "added": 0}
+        updates, sample_wait, recent_returns = progress["updates"], 0.0, deque(maxlen=20)
         trained_per_update = args.batch_size * args.sequence_length
-        next_eval = args.eval_interval if args.eval_interval > 0 else None
-        evaluated_at = None  # learner updates at the last evaluation
-        global_step = 0
+        global_step = progress["global_step"]
         stats = {}
+
+        def write_checkpoint() -> None:
+            """Pause the actors between steps and the prefetch thread, then save the run."""
+            arrays["pause"][0] = 1
+            try:
+                deadline = time.time() + 120
+                while not arrays["actor_paused"][: args.num_actors].all():
+                    if any(p.exitcode is not None for p in actors) or time.time() > deadline:
+                        raise StopRun("an actor died or did not pause for the checkpoint")
+                    time.sleep(0.005)
+                with prefetcher.lock:
+                    prefetcher.apply_priority_updates()
+                    progress.update(global_step=int(actor_steps.sum()), updates=updates,
+                                    elapsed=time.time() - start_time)
+                    atomic_save({
+                        "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
+                        "progress": dict(progress), "actor_steps": torch.from_numpy(actor_steps.copy()),
+                        "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+                        "optimizer": optimizer.state_dict(), "rng": rng_states(prefetcher.rng),
+                        "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
+                    }, checkpoint_file)
+            finally:
+                arrays["pause"][0] = 0
+            print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
+
         while global_step < args.total_timesteps:
             if stop_request:
                 raise StopRun(stop_request[0])
@@ -455,22 +579,38 @@ def main(args: Args) -> int:
                 last.update(steps=steps, updates=updates, added=added)
                 last_log_time, sample_wait = now, 0.0
 
+            next_eval = progress["next_eval"]
             if next_eval is not None and global_step >= next_eval and args.eval_episodes > 0:
                 log_evaluation(writer, q_network, args, device, global_step, start_time)
-                evaluated_at = updates
-                next_eval += args.eval_interval
+                progress["evaluated_at"] = updates
+                while progress["next_eval"] <= global_step:
+                    progress["next_eval"] += args.eval_interval
+
+            if args.checkpoint_interval > 0 and global_step >= progress["next_checkpoint"]:
+                while progress["next_checkpoint"] <= global_step:
+                    progress["next_checkpoint"] += args.checkpoint_interval
+                write_checkpoint()
 
         writer.add_scalar("charts/learner_updates", updates, global_step)  # the final count, always
-        if args.eval_episodes > 0 and evaluated_at != updates:  # final weights not evaluated yet
-            log_evaluation(writer, q_network, args, device, global_step, start_time)
-        if args.save_model:
+        if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
             model_path = f"saved_models/{run_name}/model.pt"
-            os.makedirs(os.path.dirname(model_path), exist_ok=True)
-            torch.save({"model": q_network.state_dict(), "args": vars(args)}, model_path)
+            save_model(model_path, q_network, args, observation_space, n_actions)
             print(f"model saved to {model_path}")
+            if args.eval_episodes > 0:
+                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+                write_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
+        elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
+            log_evaluation(writer, q_network, args, device, global_step, start_time)
     except StopRun as e:
         print(f"r2d2_mp.py: stopping: {e}", file=sys.stderr, flush=True)
-        exit_code = 130 if str(e).startswith("interrupted") else 1
+        interrupted = str(e).startswith("interrupted") or str(e) == "SIGTERM"
+        exit_code = (130 if str(e).startswith("interrupted") else 143) if interrupted else 1
+        if interrupted and args.checkpoint_interval > 0 and writer is not None:
+            try:
+                write_checkpoint()
+                print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
+            except (StopRun, OSError, RuntimeError) as checkpoint_error:
+                print(f"r2d2_mp.py: no final checkpoint: {checkpoint_error}", file=sys.stderr, flush=True)
     finally:
         stop_event.set()
         if prefetcher is not None:
@@ -497,11 +637,10 @@ def main(args: Args) -> int:
 
 @torch.no_grad()
 def log_evaluation(writer, q_network, args: Args, device, global_step: int, start_time: float) -> None:
-    """Greedy episodes with the learner's current weights, logged as eval/episodic_return."""
-    returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + 10_000, device)
-    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
-    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
-    writer.add_scalar("eval/wall_clock_seconds", time.time() - start_time, global_step)
+    """Evaluation episodes with the learner's current weights, logged as eval/episodic_return."""
+    returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
+                          args.eval_epsilon)
+    write_evaluation(writer, returns, global_step, time.time() - start_time)
     print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
           f"({time.time() - start_time:.0f}s)", flush=True)
 

@@ -311,6 +311,48 @@ class SequenceReplayBuffer:
         cls(**{**kwargs, "index": False, "allocate": measure})
         return sum(sizes)
 
+    # ------------------------------------------------------------------ checkpoints
+    SHARED_ARRAYS = ("obs", "action", "reward", "first", "terminated", "truncated", "stored_state",
+                     "start_prev_action", "start_prev_reward", "write_count")
+
+    def state_dict(self) -> dict[str, np.ndarray | float | int]:
+        """Contents and sampling index (priorities included), for a checkpoint. The arrays are
+        the buffer's own (no copy): save them before writing again."""
+        state = {name: getattr(self, name) for name in self.SHARED_ARRAYS}
+        if self.index:
+            state.update(sequence_id=self.sequence_id, indexed_count=self.indexed_count, tree=self.tree.nodes,
+                         max_priority=self.max_priority, num_sequences_added=self.num_sequences_added)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a ``state_dict`` into this buffer (same constructor arguments).
+
+        Raises:
+            ValueError: an array is missing or has another shape (a buffer of other arguments).
+        """
+        names = self.SHARED_ARRAYS + (("sequence_id", "indexed_count") if self.index else ())
+        for name in names:
+            target, source = getattr(self, name), state.get(name)
+            if source is None or tuple(np.shape(source)) != target.shape:
+                raise ValueError(f"replay array {name!r} has shape {np.shape(source) if source is not None else None}, "
+                                 f"this buffer's is {target.shape}")
+            target[...] = source
+        if self.index:
+            if np.shape(state["tree"]) != self.tree.nodes.shape:
+                raise ValueError("replay priorities do not fit this buffer")
+            self.tree.nodes[...] = state["tree"]
+            self.max_priority = float(state["max_priority"])
+            self.num_sequences_added = int(state["num_sequences_added"])
+
+    def truncate_streams(self) -> None:
+        """Mark the last step written to each stream as truncated (a time-limit end): used when
+        a resumed run restarts its environments, so that no n-step return or sequence runs
+        from the old episode into the new one. That step gets no target of its own and is the
+        bootstrap point of the steps before it."""
+        written = self.write_count > 0
+        streams = np.flatnonzero(written)
+        self.truncated[streams, (self.write_count[streams] - 1) % self.capacity_per_stream] = True
+
     # ------------------------------------------------------------------ writing
     @property
     def num_valid_sequences(self) -> int:

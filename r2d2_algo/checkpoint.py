@@ -1,0 +1,247 @@
+"""Saved models and whole-run checkpoints, shared by r2d2.py, r2d2_mp.py and evaluate.py.
+
+- A *saved model* (``saved_models/{run_name}/model.pt``) holds the online network's weights
+  and everything needed to rebuild it: env id, observation space, action count, core type and
+  sizes, and the training arguments. ``load_model`` needs no other input.
+- A *checkpoint* (``saved_checkpoints/{run_name}/checkpoint.pt``) holds a whole run: online
+  and target weights, optimizer, counters, RNG states, arguments, the actors' env state where
+  it can be saved and, by default, the replay with its priorities. It is written to a
+  temporary file that replaces the previous checkpoint in one ``os.replace``: a crash while
+  writing leaves the previous checkpoint intact.
+
+Both are ``torch.save`` dicts of tensors and plain Python values (numpy arrays are stored as
+tensors), tagged with a ``format`` string so that another file is refused with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import zipfile
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from r2d2_algo.model import RNNQNetwork
+
+MODEL_FORMAT = "r2d2-model-v1"
+CHECKPOINT_FORMAT = "r2d2-checkpoint-v1"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A model or checkpoint file that cannot be used; the message is one line naming why."""
+
+
+# ---------------------------------------------------------------------- files
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file and one ``os.replace``: readers see
+    the old file or the new one, never a partial one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(path: str, expected_format: str, what: str) -> dict:
+    if os.path.isdir(path):
+        candidate = os.path.join(path, CHECKPOINT_FILE if expected_format == CHECKPOINT_FORMAT else "model.pt")
+        if not os.path.exists(candidate):
+            raise CheckpointError(f"{what} {path!r} is a directory without {os.path.basename(candidate)}")
+        path = candidate
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{what} {path!r} is truncated or not a torch file ({first_line[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path!r} is not an R2D2 {what} (format {found!r}, expected {expected_format!r})")
+    return payload
+
+
+# ---------------------------------------------------------------------- saved models
+def _space_to_dict(space: gym.spaces.Box) -> dict:
+    return {"shape": list(space.shape), "dtype": np.dtype(space.dtype).name,
+            "low": torch.from_numpy(np.ascontiguousarray(space.low)), "high": torch.from_numpy(np.ascontiguousarray(space.high))}
+
+
+def _space_from_dict(d: dict) -> gym.spaces.Box:
+    return gym.spaces.Box(d["low"].numpy(), d["high"].numpy(), shape=tuple(d["shape"]), dtype=np.dtype(d["dtype"]))
+
+
+NETWORK_FIELDS = ("rnn_type", "hidden_size", "torso_size", "head_hidden_size")
+
+
+def model_payload(q_network: RNNQNetwork, args, observation_space: gym.spaces.Box, n_actions: int) -> dict:
+    """The saved-model dict: weights + env id, spaces, core type and sizes, training args."""
+    args_dict = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+    return {
+        "format": MODEL_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in q_network.state_dict().items()},
+        "env_id": args_dict["env_id"],
+        "observation_space": _space_to_dict(observation_space),
+        "n_actions": int(n_actions),
+        "network": {name: args_dict[name] for name in NETWORK_FIELDS},
+        "args": args_dict,
+    }
+
+
+def save_model(path: str, q_network: RNNQNetwork, args, observation_space: gym.spaces.Box, n_actions: int) -> None:
+    """Write a saved model (see module docstring) atomically to ``path``."""
+    atomic_save(model_payload(q_network, args, observation_space, n_actions), path)
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> tuple[RNNQNetwork, dict]:
+    """Rebuild the network of a saved model.
+
+    Returns:
+        q_network: RNNQNetwork on ``device``, in eval mode.
+        info: the file's dict (env_id, observation_space, n_actions, network, args, ...).
+    Raises:
+        CheckpointError: missing path, truncated or foreign file, weights that do not fit.
+    """
+    payload = _load(path, MODEL_FORMAT, "model")
+    try:
+        observation_space = _space_from_dict(payload["observation_space"])
+        q_network = RNNQNetwork(observation_space, payload["n_actions"], **payload["network"])
+        q_network.load_state_dict(payload["model"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"model {path!r} is damaged: {first_line[:160]}") from None
+    payload["observation_space"] = observation_space
+    return q_network.to(device).eval(), payload
+
+
+# ---------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint file (or the ``checkpoint.pt`` of a run's checkpoint directory).
+
+    Raises:
+        CheckpointError: missing path, truncated or foreign file.
+    """
+    return _load(path, CHECKPOINT_FORMAT, "checkpoint")
+
+
+def checkpoint_path(path: str) -> str:
+    """The checkpoint file named by ``path`` (a file, or a run's checkpoint directory)."""
+    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
+
+
+def rng_states(rng: np.random.Generator) -> dict:
+    """Python, numpy (global and ``rng``) and torch RNG states, to put in a checkpoint."""
+    import random
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "generator": rng.bit_generator.state,
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return _numpy_to_torch(states)
+
+
+def restore_rng_states(states: dict, rng: np.random.Generator) -> None:
+    """Inverse of ``rng_states``."""
+    import random
+
+    states = _torch_to_numpy(states)
+    random.setstate(_tuples(states["python"]))
+    np.random.set_state(_tuples(states["numpy"]))
+    rng.bit_generator.state = states["generator"]
+    torch.set_rng_state(torch.as_tensor(states["torch"], dtype=torch.uint8))
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in states["torch_cuda"]])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def _numpy_to_torch(x):
+    """numpy arrays -> tensors inside nested dicts/lists/tuples (``weights_only`` loading)."""
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(x))} if x.dtype != np.bool_ else \
+            {"__ndarray_bool__": torch.from_numpy(np.ascontiguousarray(x))}
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, dict):
+        return {k: _numpy_to_torch(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_numpy_to_torch(v) for v in x)
+    return x
+
+
+def _torch_to_numpy(x):
+    if isinstance(x, dict):
+        if set(x) == {"__ndarray__"}:
+            return x["__ndarray__"].numpy()
+        if set(x) == {"__ndarray_bool__"}:
+            return x["__ndarray_bool__"].numpy().astype(bool)
+        return {k: _torch_to_numpy(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_torch_to_numpy(v) for v in x)
+    return x
+
+
+to_storable, from_storable = _numpy_to_torch, _torch_to_numpy
+
+
+def pickled_envs(envs) -> torch.Tensor | None:
+    """The vector env pickled into a uint8 tensor, or None when it cannot be pickled (ale-py's
+    C++ vector env): a resumed run then starts fresh episodes."""
+    try:
+        return torch.frombuffer(bytearray(pickle.dumps(envs)), dtype=torch.uint8)
+    except Exception:  # noqa: BLE001 - any env that does not pickle is restarted instead
+        return None
+
+
+def unpickle_envs(data: torch.Tensor):
+    """Inverse of ``pickled_envs`` (the bytes come from the user's own checkpoint)."""
+    return pickle.loads(data.numpy().tobytes())
+
+
+# ---------------------------------------------------------------------- resuming arguments
+def explicit_cli_fields(argv: list[str]) -> set[str]:
+    """Field names given on the command line as ``--name``, ``--name=v`` or ``--no-name``."""
+    fields = set()
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            fields.add(name)
+            if name.startswith("no_"):
+                fields.add(name[3:])
+    return fields
+
+
+def merge_resume_args(args, saved: dict, explicit: set[str], may_change: tuple[str, ...]):
+    """The arguments of a resumed run: the checkpoint's, except fields in ``may_change`` that
+    were given on the command line.
+
+    Raises:
+        CheckpointError: a field given on the command line differs from the checkpoint's and
+            may not change (names every such field).
+    """
+    fields = {f.name for f in dataclasses.fields(args)}
+    missing = sorted(fields - set(saved) - {"resume"})
+    if missing:
+        raise CheckpointError(f"checkpoint lacks arguments {', '.join(missing)} (saved by another script or version)")
+    conflicts = [
+        f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {saved[name]!r})"
+        for name in sorted(explicit & fields)
+        if name not in may_change and name != "resume" and getattr(args, name) != saved[name]
+    ]
+    if conflicts:
+        raise CheckpointError("arguments conflict with the checkpoint's: " + "; ".join(conflicts))
+    merged = {name: (getattr(args, name) if name in may_change and name in explicit else saved[name])
+              for name in fields if name != "resume"}
+    return dataclasses.replace(args, **merged)
