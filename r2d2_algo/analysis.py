@@ -216,7 +216,9 @@ def run_summary_table(df: pd.DataFrame, by: list[str], return_tag: str = "eval/e
     """Per group: final and best return, SPS and wall-clock, mean and std across runs (seeds).
 
     Per run: final = the return at the last step logged, best = its maximum over the run,
-    SPS = the mean of `sps_tag` over the run, wall_clock = seconds from the first to the last event.
+    SPS = the harmonic mean of the `sps_tag` values (the run's overall environment steps per
+    second, as each value covers the same --log-interval steps; an arithmetic mean would
+    overweight fast stretches), wall_clock = seconds from the first to the last event.
 
     Returns DataFrame indexed by `by` with columns runs, then {final_return, best_return, SPS,
     wall_clock}_{mean, std}."""
@@ -227,7 +229,8 @@ def run_summary_table(df: pd.DataFrame, by: list[str], return_tag: str = "eval/e
         per_run.append({"run": run, **{c: group[c].iloc[0] for c in by},
                         "final_return": returns["value"].iloc[-1] if len(returns) else np.nan,
                         "best_return": returns["value"].max() if len(returns) else np.nan,
-                        "SPS": sps.mean() if len(sps) else np.nan, "wall_clock": group["wall_time"].max()})
+                        "SPS": len(sps) / (1.0 / sps).sum() if len(sps) and (sps > 0).all() else np.nan,
+                        "wall_clock": group["wall_time"].max()})
     per_run = pd.DataFrame(per_run)
     grouped = per_run.groupby(by, sort=True) if by else per_run.assign(_all="all runs").groupby("_all")
     table = grouped[["final_return", "best_return", "SPS", "wall_clock"]].agg(["mean", "std"])
