@@ -5,6 +5,7 @@ sweep. Every key is checked before anything starts:
 
     description: CartPole, sequence length × burn-in      # optional, free text
     script: r2d2_algo/r2d2.py        # the variant to run, relative to the repository root
+                                     #   (a bare name, r2d2_mp.py, is looked for in r2d2_algo/)
     seeds: 2                         # 2 → seeds 1, 2; or a list: [1, 5, 7]   (default: 1)
     args:                            # the same for every run: fields of the script's Args
       env_id: CartPole-v1            #   (snake_case or --kebab-case names)
@@ -46,6 +47,7 @@ CONFIG_KEYS = ("description", "script", "seeds", "args", "grid", "slots")
 SCHEDULER_FIELDS = ("exp_name", "seed")  # set for each run by the scheduler, never by a config
 STATE_DIR = "_scheduler"  # under runs/: one folder per config, a .json record and a .log per run
 STATES = ("pending", "running", "done", "failed", "interrupted")
+SCRIPTS_DIR = "r2d2_algo"  # where a bare script name is looked for
 MAX_EXP_NAME = 100  # longer grid-point names are shortened to a hash
 
 
@@ -233,7 +235,9 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
     if not isinstance(script, str) or not script:
         raise ConfigError(f"{path}: script: missing (the script to run, e.g. r2d2_algo/r2d2.py)")
     if not (Path(root) / script).is_file():
-        raise ConfigError(f"{path}: script: {script} not found")
+        if not (Path(root) / SCRIPTS_DIR / script).is_file():
+            raise ConfigError(f"{path}: script: {script} not found")
+        script = f"{SCRIPTS_DIR}/{script}"  # `r2d2_mp.py` names r2d2_algo/r2d2_mp.py
     try:
         args_cls = script_args_class(Path(root) / script)
     except ImportError as e:

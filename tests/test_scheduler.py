@@ -109,9 +109,9 @@ def test_slots_count_actor_processes(repo):
 
 
 def test_real_scripts_validate_and_mp_takes_actors_plus_one_slots():
-    runs = validate_config({"script": "r2d2_algo/r2d2_mp.py", "args": {"num_actors": 2, "env_id": "CartPole-v1"},
+    runs = validate_config({"script": "r2d2_mp.py", "args": {"num_actors": 2, "env_id": "CartPole-v1"},
                             "grid": {"burn_in_length": [0, 4]}}, "mp.yaml", ROOT)
-    assert [r.slots for r in runs] == [3, 3]
+    assert [r.slots for r in runs] == [3, 3] and runs[0].script == "r2d2_algo/r2d2_mp.py"  # a bare name works
     with pytest.raises(ConfigError, match=r"^cfg.yaml: args.sequnce_length: r2d2_algo/r2d2.py has no argument "
                                           r"--sequnce-length \(did you mean --sequence-length\?\)$"):
         validate_config({"script": "r2d2_algo/r2d2.py", "args": {"sequnce_length": 8}}, "cfg.yaml", ROOT)
