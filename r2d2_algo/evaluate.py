@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -37,9 +38,11 @@ EVAL_SEED_OFFSET = 10_000  # evaluation envs use seed + 10,000, apart from the t
 
 def _video_env(env_id: str, index: int, video_folder: str) -> gym.Env:
     env = make_env(env_id, render_mode="rgb_array")
-    # NEXT_STEP autoreset starts a second episode after the first ends: record the first only
-    return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: episode == 0,
-                                    name_prefix=f"episode-{index}", disable_logger=True)
+    with warnings.catch_warnings():  # every env but the first finds the folder made: not an overwrite
+        warnings.filterwarnings("ignore", message=".*Overwriting existing videos.*")
+        # NEXT_STEP autoreset starts a second episode after the first ends: record the first only
+        return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda episode: episode == 0,
+                                        name_prefix=f"episode-{index}", disable_logger=True)
 
 
 @torch.no_grad()

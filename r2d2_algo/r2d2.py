@@ -71,8 +71,7 @@ class Args:
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
     checkpoint_interval: int = 0
-    """environment steps between checkpoints in `saved_checkpoints/{run_name}/` (0: none); when on, Ctrl-C and
-    SIGTERM write a last one"""
+    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM write one too)"""
     checkpoint_replay: bool = True
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None

@@ -87,8 +87,7 @@ class Args:
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
     checkpoint_interval: int = 0
-    """environment steps between checkpoints in `saved_checkpoints/{run_name}/` (0: none); when on, Ctrl-C and
-    SIGTERM write a last one"""
+    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM write one too)"""
     checkpoint_replay: bool = True
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None
@@ -437,9 +436,11 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         print(f"run {run_name}: {parameter_count(q_network):,} parameters, learner on {device}, "
               f"{args.num_actors} actors × {args.num_envs_per_actor} envs, replay {args.buffer_size:,} observations "
               f"= {replay_bytes / 2**30:.2f} GiB in shared memory", flush=True)
-        # actors start with SIGINT ignored (inherited through exec, before Python even loads):
-        # Ctrl-C in a terminal reaches the whole group, and only the learner must act on it
+        # actors start with SIGINT and SIGTERM ignored (inherited through exec, before Python even
+        # loads): Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only
+        # the learner must act on it (it pauses the actors for a last checkpoint, then stops them)
         previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             for actor_id in range(args.num_actors):
                 p = ctx.Process(target=actor_process, name=f"actor-{actor_id}", daemon=True,
@@ -450,6 +451,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 actors.append(p)
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
         # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
         writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from r2d2_algo.shared import SharedArrays
@@ -268,3 +269,39 @@ def test_bad_arguments_refused_with_one_line(tmp_path, args, message):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"r2d2_mp.py: error: {message}"), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_after_sigkill_resumes_the_run(tmp_path):
+    """SIGKILL the learner after its second checkpoint: the actors exit by themselves, the
+    shared memory is released, and --resume continues the counters and the tensorboard run."""
+    args = ["--env-id", "CartPole-v1", "--num-actors", "1", "--total-timesteps", "9000", "--checkpoint-interval",
+            "2500", "--eval-episodes", "2", "--save-model", *SMALL]
+    proc = start(tmp_path, *args)
+    lines = []
+    while sum("checkpoint written" in line for line in lines) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines) + proc.stderr.read()
+        lines.append(line)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while (descendants(proc.pid) or shm_segments_of(proc.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not descendants(proc.pid) and not shm_segments_of(proc.pid)
+    saved = torch.load(glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))[0], weights_only=True)
+    assert saved["progress"]["global_step"] >= 5000 and saved["progress"]["updates"] > 0
+
+    (checkpoint_dir,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*"))
+    resumed = start(tmp_path, "--resume", checkpoint_dir)
+    out, err = wait_clean(resumed, timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"from step {saved['progress']['global_step']:,}" in out
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))  # the same tensorboard run continues
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    updates = [e.value for e in acc.Scalars("charts/learner_updates")]
+    assert updates[-1] > saved["progress"]["updates"]
+    steps = [e.step for e in acc.Scalars("charts/learner_updates")]
+    assert steps == sorted(steps) and steps[-1] >= 9000
+    assert acc.Scalars("eval/episodic_return")[-1].step >= 9000
+    assert glob.glob(str(tmp_path / "saved_models" / "*" / "model.pt"))

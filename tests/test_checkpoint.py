@@ -1,0 +1,219 @@
+"""Saved models, evaluate.py, checkpoints and resume (issue 4), run as a user would."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from r2d2_algo.analysis import load_scalars
+from r2d2_algo.checkpoint import CheckpointError, explicit_cli_fields, load_model, merge_resume_args
+from r2d2_algo.r2d2 import RESUMABLE_ARGS, Args
+from tests.conftest import ROOT
+
+SHORT = ["--no-progress-bar", "--learning-starts", "800", "--replay-ratio", "4", "--log-interval", "400"]
+
+
+def one_line_error(out, *fragments):
+    """Non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "error:" in lines[0] and "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short CartPole run with --save-model (shared by the evaluation tests)."""
+    cwd = tmp_path_factory.mktemp("trained")
+    out = subprocess.run([sys.executable, str(ROOT / "r2d2_algo" / "r2d2.py"), *SHORT, "--total-timesteps", "4000",
+                          "--eval-interval", "0", "--eval-episodes", "3", "--save-model"],
+                         cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (model,) = glob.glob(str(cwd / "saved_models" / "*" / "model.pt"))
+    return cwd, model
+
+
+def test_saved_model_rebuilds_without_flags(trained):
+    _, model = trained
+    q_network, info = load_model(model)
+    assert info["env_id"] == "CartPole-v1" and info["n_actions"] == 2
+    assert info["observation_space"].shape == (4,)
+    assert info["network"] == {"rnn_type": "lstm", "hidden_size": 128, "torso_size": 128, "head_hidden_size": 128}
+    q, state = q_network(torch.zeros(1, 3, 4), torch.full((1, 3), -1), torch.zeros(1, 3), torch.ones(1, 3, dtype=bool),
+                         q_network.initial_state(3))
+    assert q.shape == (1, 3, 2)
+
+
+def test_evaluate_reproduces_the_final_evaluation(trained, run_script, tmp_path):
+    cwd, model = trained
+    final = json.loads((cwd / os.path.dirname(model) / "eval.json").read_text())
+    out = run_script("evaluate.py", "--model", model, "--episodes", "3", "--output", tmp_path / "again.json",
+                     "--no-cuda")
+    assert out.returncode == 0, out.stderr
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["returns"] == final["returns"] and again["epsilon"] == final["epsilon"] == 0.001
+    assert f"{again['mean']:.2f} ± {again['std']:.2f}" in out.stdout
+    # the training script logged that same evaluation at its last step
+    (run_dir,) = glob.glob(str(cwd / "runs" / "*"))
+    evals = load_scalars([run_dir], ["eval/episodic_return"])
+    assert evals["step"].max() == 4000 and evals["value"].iloc[-1] == pytest.approx(final["mean"])
+
+
+def test_capture_video_writes_playable_mp4s(trained, run_script, tmp_path):
+    from moviepy import VideoFileClip
+
+    _, model = trained
+    out = run_script("evaluate.py", "--model", model, "--episodes", "2", "--capture-video", "--no-cuda",
+                     "--output", tmp_path / "eval.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    run_name = os.path.basename(os.path.dirname(model))
+    assert [os.path.dirname(v) for v in result["videos"]] == [f"videos/{run_name}"] * 2
+    for video, length in zip(result["videos"], result["lengths"]):
+        with VideoFileClip(str(tmp_path / video)) as clip:
+            frames = list(clip.iter_frames())
+        # one frame per step plus the reset frame (fewer only if the encoder drops duplicates)
+        assert len(frames) >= min(length, 8) and frames[0].shape[2] == 3 and frames[0].std() > 0
+
+
+def _wait_for(path_text, proc, count, timeout=300):
+    """Wait until ``proc``'s stdout file holds ``count`` 'checkpoint written' lines."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if open(path_text).read().count("checkpoint written") >= count:
+            return
+        assert proc.poll() is None, open(path_text).read()
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_r2d2_resume_after_sigkill_is_bit_for_bit(tmp_path):
+    """SIGKILL after the second checkpoint, resume: same final weights and evaluation as an
+    uninterrupted run, and the tensorboard curves continue in the same folder."""
+    args = [*SHORT, "--total-timesteps", "6000", "--eval-interval", "1500", "--eval-episodes", "2",
+            "--checkpoint-interval", "1500", "--save-model", "--torch-deterministic", "--no-cuda"]
+    script = str(ROOT / "r2d2_algo" / "r2d2.py")
+    whole = subprocess.run([sys.executable, script, *args, "--exp-name", "whole"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    log = tmp_path / "killed.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, script, *args, "--exp-name", "killed"], cwd=tmp_path, stdout=f,
+                                stderr=subprocess.STDOUT, text=True)
+    _wait_for(log, proc, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (checkpoint_dir,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*__killed__*"))
+    resumed = subprocess.run([sys.executable, script, "--resume", checkpoint_dir, "--no-progress-bar"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    models = {name: torch.load(glob.glob(str(tmp_path / "saved_models" / f"*__{name}__*" / "model.pt"))[0])["model"]
+              for name in ("whole", "killed")}
+    assert all(torch.equal(models["whole"][k], models["killed"][k]) for k in models["whole"])
+    evals = {name: json.loads(open(glob.glob(str(tmp_path / "saved_models" / f"*__{name}__*" / "eval.json"))[0]).read())
+             for name in ("whole", "killed")}
+    assert evals["whole"]["returns"] == evals["killed"]["returns"]
+
+    # one tensorboard folder, each curve logged once per step, the same values as the whole run
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*__killed__*"))
+    (whole_dir,) = glob.glob(str(tmp_path / "runs" / "*__whole__*"))
+    tags = ["eval/episodic_return", "losses/td_loss", "charts/learner_updates"]
+    killed_df, whole_df = load_scalars([run_dir], tags), load_scalars([whole_dir], tags)
+    for tag in tags:
+        a = killed_df[killed_df.tag == tag].sort_values("step")
+        b = whole_df[whole_df.tag == tag].sort_values("step")
+        assert a["step"].is_unique and list(a["step"]) == list(b["step"]), tag
+        np.testing.assert_array_equal(a["value"].to_numpy(), b["value"].to_numpy())
+
+
+def test_ctrl_c_writes_a_last_checkpoint(tmp_path):
+    log = tmp_path / "out.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2.py"), *SHORT, "--total-timesteps",
+                                 "100000", "--eval-episodes", "0", "--checkpoint-interval", "1000"], cwd=tmp_path,
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+    _wait_for(log, proc, 1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    text = log.read_text()
+    assert text.count("checkpoint written") == 2 and "--resume saved_checkpoints/" in text
+    (checkpoint,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))
+    saved = torch.load(checkpoint, weights_only=True)
+    step = saved["progress"]["global_step"]
+    assert step > 1000 and step % 8 == 0 and saved["replay"]["write_count"]["__ndarray__"].sum() == step
+
+
+def test_resume_refuses_conflicting_arguments_and_takes_the_rest_from_the_checkpoint():
+    saved = {**vars(Args()), "seed": 3, "hidden_size": 64}
+    merged = merge_resume_args(Args(resume="x", total_timesteps=500), saved, {"resume", "total_timesteps"},
+                               RESUMABLE_ARGS)
+    assert merged.seed == 3 and merged.hidden_size == 64 and merged.total_timesteps == 500 and merged.resume == "x"
+    with pytest.raises(CheckpointError, match=r"--seed 1 \(checkpoint: 3\)"):
+        merge_resume_args(Args(resume="x"), saved, {"resume", "seed"}, RESUMABLE_ARGS)
+    assert explicit_cli_fields(["--seed", "2", "--no-cuda", "--buffer-size=5"]) >= {"seed", "cuda", "buffer_size"}
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A short run's checkpoint file (shared by the damage tests, which damage copies)."""
+    cwd = tmp_path_factory.mktemp("checkpointed")
+    out = subprocess.run([sys.executable, str(ROOT / "r2d2_algo" / "r2d2.py"), *SHORT, "--total-timesteps", "1200",
+                          "--eval-episodes", "0", "--checkpoint-interval", "1000"], cwd=cwd, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (checkpoint,) = glob.glob(str(cwd / "saved_checkpoints" / "*" / "checkpoint.pt"))
+    return checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "foreign", "conflict"])
+def test_bad_checkpoints_are_one_line_errors(checkpointed, trained, run_script, tmp_path, damage):
+    _, model = trained
+    data = open(checkpointed, "rb").read()
+    checkpoint = tmp_path / "checkpoint.pt"
+    extra = []
+    if damage == "truncated":
+        checkpoint.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        checkpoint.write_bytes(os.urandom(4096))
+    elif damage == "missing":
+        checkpoint = tmp_path / "nothing" / "checkpoint.pt"
+    elif damage == "foreign":
+        checkpoint = model  # a saved model is not a checkpoint
+    else:
+        checkpoint.write_bytes(data)
+        extra = ["--seed", "7"]
+    out = run_script("r2d2.py", "--resume", checkpoint, *extra)
+    line = one_line_error(out)
+    expected = {"truncated": "truncated", "garbage": "truncated", "missing": "does not exist",
+                "foreign": "not an R2D2 checkpoint", "conflict": "--seed 7 (checkpoint: 1)"}[damage]
+    assert expected in line
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "other_env"])
+def test_bad_models_are_one_line_errors(trained, run_script, tmp_path, damage):
+    _, model = trained
+    args = []
+    if damage == "truncated":
+        data = open(model, "rb").read()
+        model = tmp_path / "model.pt"
+        model.write_bytes(data[:1000])
+    elif damage == "missing":
+        model = tmp_path / "none" / "model.pt"
+    else:
+        args = ["--env-id", "CartPoleNoVelocity-v1"]  # 2 observations, the model takes 4
+    out = run_script("evaluate.py", "--model", model, *args, "--episodes", "1")
+    line = one_line_error(out)
+    assert {"truncated": "truncated", "missing": "does not exist", "other_env": "was trained on CartPole-v1"}[damage] \
+        in line
