@@ -2,10 +2,11 @@
 
     python benchmarks/bench_mp.py [--env-id PongNoFrameskip-v4] [--seconds 20]
 
-1. raw env SPS: P processes each stepping E envs (gymnasium SyncVectorEnv, Atari preprocessing)
-   with random actions, summed;
-2. actor SPS: the same processes acting with the batched forward pass of their own CPU copy of
-   the network (paper architecture) and writing every step to a replay, learner idle;
+1. raw env SPS: P processes each stepping E envs (r2d2_algo.envs.make_vector_env: ale-py's
+   AtariVectorEnv for Atari, gymnasium SyncVectorEnv otherwise) with random actions, summed;
+2. actor SPS: the same processes running the actors' own code (r2d2.EnvActor: batched forward
+   pass of a CPU copy of the network, ε-greedy, every step written to a replay), learner idle,
+   with --env-splits batches (double buffering) and with 1;
 3. batched policy forward rate: observations/s of the CPU network alone at batch E, one thread
    per process, P processes;
 4. system SPS while learning: r2d2_mp.py with the same actors and a learner, read from its log;
@@ -13,6 +14,7 @@
 6. scaling tables: SPS vs actors at a fixed total number of envs ("fixed batch size") and vs
    actors at fixed envs per actor ("fixed envs per worker").
 
+Every rate is also given per CPU-second (the CPU time of the process and all its threads).
 Ratios (actor SPS ÷ min(raw env SPS, forward rate), system ÷ actor) are measured in the same
 run on the same cores. Prints tables and writes JSON.
 """
