@@ -245,3 +245,16 @@ def merge_resume_args(args, saved: dict, explicit: set[str], may_change: tuple[s
     merged = {name: (getattr(args, name) if name in may_change and name in explicit else saved[name])
               for name in fields if name != "resume"}
     return dataclasses.replace(args, **merged)
+
+
+def resume_run(args, argv: list[str], may_change: tuple[str, ...]):
+    """``(args, checkpoint)`` of a run started with ``--resume``: the checkpoint read, the
+    arguments merged (``merge_resume_args``); ``(args, None)`` when ``args.resume`` is None.
+
+    Raises:
+        CheckpointError: as ``load_checkpoint`` and ``merge_resume_args``.
+    """
+    if args.resume is None:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    return merge_resume_args(args, checkpoint["args"], explicit_cli_fields(argv), may_change), checkpoint

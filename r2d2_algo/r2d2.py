@@ -31,12 +31,10 @@ from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     atomic_save,
-    explicit_cli_fields,
     from_storable,
-    load_checkpoint,
-    merge_resume_args,
     pickled_envs,
     restore_rng_states,
+    resume_run,
     rng_states,
     save_model,
     to_storable,
@@ -415,12 +413,8 @@ class StopRequest:
 
 def main(args: Args, argv: list[str] | None = None) -> int:
     """Train; returns the exit code (0, or 128 + signal when stopped by Ctrl-C / SIGTERM)."""
-    checkpoint = None
     try:  # everything that can refuse the arguments runs before the run folder is created
-        if args.resume is not None:
-            checkpoint = load_checkpoint(args.resume)
-            args = merge_resume_args(args, checkpoint["args"], explicit_cli_fields(sys.argv[1:] if argv is None else argv),
-                                     RESUMABLE_ARGS)
+        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
     except ValueError as e:

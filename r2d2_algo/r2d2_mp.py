@@ -50,11 +50,9 @@ from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     atomic_save,
-    explicit_cli_fields,
     from_storable,
-    load_checkpoint,
-    merge_resume_args,
     restore_rng_states,
+    resume_run,
     rng_states,
     save_model,
     to_storable,
@@ -337,12 +335,8 @@ RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay",
 
 
 def main(args: Args, argv: list[str] | None = None) -> int:
-    checkpoint = None
     try:
-        if args.resume is not None:
-            checkpoint = load_checkpoint(args.resume)
-            args = merge_resume_args(args, checkpoint["args"], explicit_cli_fields(sys.argv[1:] if argv is None else argv),
-                                     RESUMABLE_ARGS)
+        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)
