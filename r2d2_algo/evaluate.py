@@ -37,6 +37,7 @@ EVAL_SEED_OFFSET = 10_000  # evaluation envs use seed + 10,000, apart from the t
 
 
 def _video_env(env_id: str, index: int, video_folder: str) -> gym.Env:
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen (no display needed)
     env = make_env(env_id, render_mode="rgb_array")
     with warnings.catch_warnings():  # every env but the first finds the folder made: not an overwrite
         warnings.filterwarnings("ignore", message=".*Overwriting existing videos.*")
