@@ -54,7 +54,7 @@ class Args:
     """measuring time per cell (after warm-up)"""
     processes: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
-    envs_per_process: int = 16
+    envs_per_process: int = 32
     """envs per actor process for the main measurements (r2d2_mp.py's default)"""
     env_splits: int = 2
     """Atari: the actors' env batches (r2d2_mp.py --env-splits); 1 = env and network take turns"""
@@ -62,7 +62,7 @@ class Args:
     """Atari: ale-py C++ threads per process (r2d2_mp.py --env-threads; 0: one per env of a split)"""
     scaling_processes: list[int] = field(default_factory=lambda: [1, 2])
     """actor counts of the scaling tables"""
-    scaling_total_envs: int = 32
+    scaling_total_envs: int = 64
     """total envs of the fixed-batch-size table"""
     system: bool = True
     """also measure the whole system while learning (runs r2d2_mp.py)"""

@@ -232,7 +232,7 @@ class NatureTorso(nn.Module):
         """obs (N, *obs_shape) -> features (N, out_size)."""
         if self.channels_last:
             obs = obs.permute(0, 3, 1, 2)
-        x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.float()
+        x = obs.float().div_(255.0) if obs.dtype == torch.uint8 else obs.float()  # in place: one pass less
         return F.relu(self.fc(self.convs(x)))
 
 

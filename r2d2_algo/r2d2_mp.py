@@ -98,7 +98,7 @@ class Args:
     """total environment steps (summed over all actors' envs)"""
     num_actors: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes (default: the cores left after the learner)"""
-    num_envs_per_actor: int = 16
+    num_envs_per_actor: int = 32
     """environments per actor, acted on with batched forward passes (one per env split)"""
     env_splits: int = 2
     """Atari: each actor's envs step in this many batches, one stepping in ale-py's C++ threads while
