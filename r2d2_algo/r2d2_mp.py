@@ -221,7 +221,8 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
     """Step ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the network and
     write every step to the shared replay. Env j of this actor is stream / ε rung
     actor_id · num_envs_per_actor + j. While the learner's ``pause`` flag is set (a checkpoint
-    is being written) the actor waits between steps. ``seed_offset`` (the resumed step count)
+    is being written), or once all actors together have taken ``total_timesteps`` steps, the
+    actor waits between steps. ``seed_offset`` (the resumed step count)
     gives a resumed run new episodes."""
     torch.set_num_threads(1)
     arrays = SharedArrays.attach(layout)
@@ -250,12 +251,14 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         refreshed_at = 0  # env steps per env at the last refresh
         steps_before = int(arrays["actor_steps"][actor_id])  # a resumed run continues the count
         pause, paused = arrays["pause"], arrays["actor_paused"]
+        all_steps = arrays["actor_steps"][: args.num_actors]
         while not stop_event.is_set():
             if os.getppid() != parent_pid:
                 return  # the learner is gone: nobody will read what we write
-            if pause[0]:
+            if pause[0] or all_steps.sum() >= args.total_timesteps:  # a checkpoint, or the run's steps are done
                 paused[actor_id] = 1
-                while pause[0] and not stop_event.is_set() and os.getppid() == parent_pid:
+                while (pause[0] or all_steps.sum() >= args.total_timesteps) and not stop_event.is_set() \
+                        and os.getppid() == parent_pid:
                     time.sleep(0.01)
                 paused[actor_id] = 0
                 continue
