@@ -217,3 +217,21 @@ def test_bad_models_are_one_line_errors(trained, run_script, tmp_path, damage):
     line = one_line_error(out)
     assert {"truncated": "truncated", "missing": "does not exist", "other_env": "was trained on CartPole-v1"}[damage] \
         in line
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from r2d2_algo import checkpoint as checkpoint_module
+
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    checkpoint_module.atomic_save({"format": checkpoint_module.CHECKPOINT_FORMAT, "step": 1}, path)
+
+    def crash_midway(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint_module.atomic_save({"format": checkpoint_module.CHECKPOINT_FORMAT, "step": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint_module.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path / "run") == ["checkpoint.pt"]  # no temporary file left

@@ -305,3 +305,19 @@ def test_checkpoint_after_sigkill_resumes_the_run(tmp_path):
     assert steps == sorted(steps) and steps[-1] >= 9000
     assert acc.Scalars("eval/episodic_return")[-1].step >= 9000
     assert glob.glob(str(tmp_path / "saved_models" / "*" / "model.pt"))
+
+
+def test_sigterm_to_the_group_writes_a_last_checkpoint(tmp_path):
+    """A SIGTERM to the whole process group (what `kill -- -PGID`, systemd or docker send):
+    the actors ignore it, the learner pauses them, writes a checkpoint and cleans up."""
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000",
+                 "--checkpoint-interval", "100000000", *SMALL)
+    wait_for_output(proc, tmp_path, "runs/*")
+    time.sleep(3.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = wait_clean(proc, timeout=60)
+    assert proc.returncode == 143, err
+    assert "checkpoint written" in out and "--resume saved_checkpoints/" in err
+    saved = torch.load(glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))[0], weights_only=True)
+    assert saved["progress"]["global_step"] > 0
+    assert saved["actor_steps"].sum() == saved["progress"]["global_step"]
