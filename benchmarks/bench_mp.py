@@ -59,7 +59,7 @@ class Args:
     env_splits: int = 2
     """Atari: the actors' env batches (r2d2_mp.py --env-splits); 1 = env and network take turns"""
     env_threads: int = 0
-    """Atari: ale-py C++ threads per process (r2d2_mp.py --env-threads; 0: one per env of a split)"""
+    """Atari: ale-py C++ threads per process (r2d2_mp.py --env-threads; 0: ale-py's default)"""
     scaling_processes: list[int] = field(default_factory=lambda: [1, 2])
     """actor counts of the scaling tables"""
     scaling_total_envs: int = 64
@@ -75,7 +75,8 @@ def _worker(kind: str, env_id: str, num_envs: int, num_splits: int, env_threads:
     torch.set_num_threads(1)
     observation_space, n_actions = check_env_id(env_id)
     splits = num_splits if kind == "actor" else 1
-    envs = make_vector_env(env_id, num_envs, seed, num_splits=splits, num_threads=env_threads)
+    envs = make_vector_env(env_id, num_envs, seed, num_splits=splits, num_threads=env_threads,
+                           thread_niceness=10 if splits > 1 else 0)  # as r2d2_mp.py's actors
     net = RNNQNetwork(observation_space, n_actions)
     replay = SequenceReplayBuffer(num_envs, num_envs * 2000, observation_space.shape, observation_space.dtype,
                                   net.state_size, 40, 80, 5, 40, frame_stack=frame_stack_of(env_id))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -158,7 +159,7 @@ def check_env_id(env_id: str) -> tuple[gym.spaces.Box, int]:
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
-                    num_threads: int = 0) -> gym.vector.VectorEnv:
+                    num_threads: int = 0, thread_niceness: int = 0) -> gym.vector.VectorEnv:
     """``num_envs`` copies with NEXT_STEP autoreset, env i seeded ``seed + i``.
 
     NEXT_STEP autoreset is what storage.py expects: a final observation is returned with its
@@ -169,10 +170,11 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
     ``num_splits`` > 1 it is asynchronous (double buffering, as Sample Factory's
     ``worker_num_splits``): ``step(actions)`` sends the actions of the envs of the batch last
     returned and returns the next batch of ``num_envs / num_splits`` envs that is ready, named
-    by ``info["env_id"]``, so one split steps while the policy acts on another. A C++ thread
-    steps one env at a time and can run ahead by one env only, so overlap needs a thread per
-    env of a split: ``num_threads`` = 0 gives ``num_envs / num_splits`` threads. Other ids use
-    gymnasium's SyncVectorEnv (``num_splits`` must be 1).
+    by ``info["env_id"]``, so one split steps while the policy acts on another. ``num_threads``
+    C++ threads step the envs (0: ale-py's default, min(envs per split, cores); ale-py uses at
+    most one per core). ``thread_niceness`` > 0 lowers their scheduling priority (Linux), so
+    that the thread running the policy is not preempted by envs that are only running ahead.
+    Other ids use gymnasium's SyncVectorEnv (``num_splits`` must be 1).
 
     Raises:
         ValueError: ``num_splits`` does not divide ``num_envs``, or is > 1 for a non-Atari id.
@@ -183,15 +185,21 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
         from ale_py.vector_env import AtariVectorEnv
 
         spec = _spec(env_id)
+        threads_before = _thread_ids()
         vec = AtariVectorEnv(
-            spec.kwargs["game"], num_envs, batch_size=num_envs // num_splits,
-            num_threads=num_threads if num_threads > 0 else num_envs // num_splits,
+            spec.kwargs["game"], num_envs, batch_size=num_envs // num_splits, num_threads=num_threads,
             max_num_frames_per_episode=ATARI_MAX_FRAMES,
             repeat_action_probability=spec.kwargs.get("repeat_action_probability", 0.0),
             full_action_space=True, stack_num=ATARI_FRAME_STACK, frameskip=4, maxpool=True, noop_max=30,
             episodic_life=False, reward_clipping=False, use_fire_reset=False,
         )
         vec.action_space.seed(seed)
+        if thread_niceness > 0:
+            for tid in _thread_ids() - threads_before:  # the C++ threads ale-py just started
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, thread_niceness)
+                except OSError:  # not allowed here: they keep the normal priority
+                    pass
         return vec
     if num_splits != 1:
         raise ValueError(f"env splits > 1 need an Atari env (ale-py's AtariVectorEnv), not {env_id!r}")
@@ -200,6 +208,14 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
                                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     vec.action_space.seed(seed)
     return vec
+
+
+def _thread_ids() -> set[int]:
+    """Thread ids of this process (Linux; empty elsewhere)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
 
 
 def epsilon_ladder(num_actors: int, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:

@@ -104,7 +104,7 @@ class Args:
     """Atari: each actor's envs step in this many batches, one stepping in ale-py's C++ threads while
     the network acts on another (double buffering); other envs always use 1"""
     env_threads: int = 0
-    """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: one per env of a split"""
+    """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: ale-py's default"""
     actor_update_interval: int = 400
     """environment steps (per env) between an actor's weight refreshes (paper: 400)"""
     epsilon_base: float = 0.4
@@ -238,8 +238,10 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         atari = frame_stack_of(args.env_id) > 1
-        envs = make_vector_env(args.env_id, E, seed, num_splits=args.env_splits if atari else 1,
-                               num_threads=args.env_threads)
+        splits = args.env_splits if atari else 1
+        # with splits, the env threads run ahead in the background: the policy thread comes first
+        envs = make_vector_env(args.env_id, E, seed, num_splits=splits, num_threads=args.env_threads,
+                               thread_niceness=10 if splits > 1 else 0)
 
         def refresh_weights() -> None:
             with weights_lock:
