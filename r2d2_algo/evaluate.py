@@ -123,8 +123,9 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
     Raises:
         CheckpointError: missing, truncated or foreign model file.
         UnsupportedEnvError: an env id that does not exist or does not fit the model.
+        ValueError: episodes < 1.
     """
-    from r2d2_algo.checkpoint import CheckpointError, load_model
+    from r2d2_algo.checkpoint import load_model
     from r2d2_algo.envs import UnsupportedEnvError
 
     q_network, info = load_model(model_path, device)
@@ -137,7 +138,7 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
                 f"model {model_path!r} was trained on {info['env_id']} (observations {trained.shape}, "
                 f"{info['n_actions']} actions); {env_id} has observations {observation_space.shape}, {n_actions} actions")
     if episodes < 1:
-        raise CheckpointError(f"--episodes must be >= 1, got {episodes}")
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
     seed = info["args"]["seed"] + EVAL_SEED_OFFSET if seed is None else seed
     video_folder = os.path.join("videos", run_dir_name(model_path)) if capture_video else None
     start = time.time()
