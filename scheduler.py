@@ -10,7 +10,9 @@ output goes to runs/_scheduler/{config}/{run_id}.log, and its record (state: pen
 done, failed with its exit code, interrupted; pid, attempts, run folder, config values) to
 runs/_scheduler/{config}/{run_id}.json, written atomically. So re-running the scheduler skips
 done runs, skips failed ones unless --retry-failed, and reruns runs that were running when a
-scheduler died (their partial run folders are deleted first, so nothing is counted twice).
+scheduler died: from their last checkpoint when the run has one (args: checkpoint_interval > 0;
+a run killed with its scheduler gets SIGTERM and writes one), else from scratch after their
+partial run folders are deleted, so nothing is counted twice.
 Ctrl-C or SIGTERM stops every run (each in its own process group) and exits; a run also
 receives SIGTERM if the scheduler is killed outright. One scheduler at a time per runs/ folder
 (a lock file). With several GPUs visible, runs are spread over them (CUDA_VISIBLE_DEVICES).
@@ -39,6 +41,7 @@ from r2d2_algo.experiments import (ConfigError, Run, config_paths, load_configs,
                                    record_path, state_dir, write_record)
 
 RUNS_DIR = "runs"  # the scripts write runs/{run_name} relative to their working directory
+CHECKPOINTS_DIR = Path("saved_checkpoints")  # and saved_checkpoints/{run_name}/ with --checkpoint-interval
 
 
 @dataclass
@@ -269,11 +272,19 @@ class Scheduler:
         record = self.records[run.run_id]
         gpu = assign_gpu(self.gpus, [self.records[r]["gpu"] for r in self.procs])
         with open(log, "a") as f:
-            for stale in sorted(Path().glob(run.run_dir_glob(RUNS_DIR))):  # an earlier, unfinished attempt's
-                shutil.rmtree(stale, ignore_errors=True)
-                f.write(f"# scheduler: removed {stale} (an unfinished earlier attempt)\n")
+            stale_dirs = sorted(Path().glob(run.run_dir_glob(RUNS_DIR)), key=lambda p: p.stat().st_mtime)
+            # an earlier attempt that left a checkpoint (--checkpoint-interval) is resumed in its own folder
+            resume = next((CHECKPOINTS_DIR / d.name for d in reversed(stale_dirs)
+                           if (CHECKPOINTS_DIR / d.name / "checkpoint.pt").is_file()), None)
+            for stale in stale_dirs:  # an earlier, unfinished attempt's
+                if resume is None or stale.name != resume.name:
+                    shutil.rmtree(stale, ignore_errors=True)
+                    f.write(f"# scheduler: removed {stale} (an unfinished earlier attempt)\n")
+            command = run.command() if resume is None else [sys.executable, run.script, "--resume", str(resume)]
+            if resume is not None:
+                f.write(f"# scheduler: resuming the earlier attempt from {resume}\n")
             f.write(f"# scheduler: attempt {record['attempts'] + 1} started {datetime.now().isoformat(timespec='seconds')}"
-                    f"{f' on GPU {gpu}' if gpu is not None else ''}\n# {subprocess.list2cmdline(run.command())}\n")
+                    f"{f' on GPU {gpu}' if gpu is not None else ''}\n# {subprocess.list2cmdline(command)}\n")
             f.flush()
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             threads = str(max(1, (os.cpu_count() or 1) * run.slots // max(self.args.max_parallel, 1)))
@@ -281,7 +292,7 @@ class Scheduler:
                 env.setdefault(var, threads)  # N runs × all cores each would oversubscribe the CPU
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
-            proc = subprocess.Popen(run.command(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, preexec_fn=_child_setup(os.getpid()))
         self.procs[run.run_id] = (proc, run)
         self.save(run, state="running", pid=proc.pid, pid_start_time=process_start_time(proc.pid),

@@ -317,3 +317,32 @@ def test_real_r2d2_run_through_the_scheduler(repo):
     assert record["state"] == "done" and Path(record["run_dir"]).name.startswith("CartPole-v1__real__1__")
     assert "eval return" in (repo / record["log"]).read_text()
     assert json.loads((repo / "runs" / "_scheduler" / "real" / "real__1.json").read_text())["exit_code"] == 0
+
+
+def test_interrupted_run_with_checkpoints_is_resumed_not_restarted(repo):
+    """A real r2d2.py run with --checkpoint-interval: the scheduler is SIGKILLed, its run gets
+    SIGTERM and writes a last checkpoint; the restarted scheduler resumes it in the same folder."""
+    write(repo, "ckpt.yaml", f"""\
+        script: {ROOT / 'r2d2_algo' / 'r2d2.py'}
+        args: {{total_timesteps: 6000, learning_starts: 500, replay_ratio: 4, eval_interval: 3000, eval_episodes: 1,
+                checkpoint_interval: 1000, progress_bar: false, cuda: false, num_envs: 4}}
+        """)
+    first = scheduler(repo, "--max-parallel", 1, popen=True)
+    wait_for(lambda: list((repo / "saved_checkpoints").glob("*/checkpoint.pt")), timeout=120)
+    (record,) = records(repo).values()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    wait_for(lambda: not alive(record["pid"]), timeout=60)  # SIGTERM from the dead scheduler: a last checkpoint
+    second = scheduler(repo, "--max-parallel", 1, timeout=300)
+    assert second.returncode == 0, second.stdout
+    (record,) = records(repo).values()
+    assert record["state"] == "done" and record["attempts"] == 2
+    log = (repo / record["log"]).read_text()
+    assert "resuming the earlier attempt from saved_checkpoints/" in log and "--resume" in log
+    assert "resuming CartPole-v1__ckpt__1__" in log  # r2d2.py continued from the checkpoint's step
+    (run_dir,) = (repo / "runs").glob("CartPole-v1__ckpt__1__*")  # one folder, continued
+    assert record["run_dir"] and Path(record["run_dir"]).name == run_dir.name
+    from r2d2_algo.analysis import load_scalars
+
+    steps = load_scalars([run_dir], ["charts/SPS"])["step"]
+    assert steps.is_unique and steps.max() == 6000
