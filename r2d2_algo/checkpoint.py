@@ -139,6 +139,20 @@ def checkpoint_path(path: str) -> str:
     return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
 
 
+def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer) -> dict:
+    """Online and target weights and the optimizer's state, for a checkpoint."""
+    return {"q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+            "optimizer": optimizer.state_dict()}
+
+
+def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_network: torch.nn.Module,
+                       optimizer) -> None:
+    """Inverse of ``learner_state`` (raises KeyError / RuntimeError when they do not fit)."""
+    q_network.load_state_dict(checkpoint["q_network"])
+    target_network.load_state_dict(checkpoint["target_network"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+
+
 def rng_states(rng: np.random.Generator) -> dict:
     """Python, numpy (global and ``rng``) and torch RNG states, to put in a checkpoint."""
     import random

@@ -32,6 +32,8 @@ from r2d2_algo.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
     from_storable,
+    learner_state,
+    load_learner_state,
     pickled_envs,
     restore_rng_states,
     resume_run,
@@ -461,9 +463,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
     if checkpoint is not None:
         try:
-            q_network.load_state_dict(checkpoint["q_network"])
-            target_network.load_state_dict(checkpoint["target_network"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            load_learner_state(checkpoint, q_network, target_network, optimizer)
             progress.update(checkpoint["progress"])
             recent_returns.extend(checkpoint["recent_returns"])
             if checkpoint["replay"] is not None:
@@ -494,8 +494,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         atomic_save({
             "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
             "progress": {**progress, "elapsed": time.time() - start_time},
-            "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": rng_states(rng), "recent_returns": list(recent_returns),
+            **learner_state(q_network, target_network, optimizer),
+            "rng": rng_states(rng), "recent_returns": list(recent_returns),
             "actor": to_storable(actor.state_dict()), "envs": pickled_envs(envs),
             "replay": to_storable(rb.state_dict()) if args.checkpoint_replay else None,
         }, checkpoint_file)

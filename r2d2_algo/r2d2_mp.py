@@ -51,6 +51,8 @@ from r2d2_algo.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
     from_storable,
+    learner_state,
+    load_learner_state,
     restore_rng_states,
     resume_run,
     rng_states,
@@ -383,7 +385,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     # the loop's counters (checkpointed)
     progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
                 "next_eval": args.eval_interval if args.eval_interval > 0 else None,
-                "next_checkpoint": args.checkpoint_interval}
+                "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
     ctx = mp.get_context("spawn")
     arrays = SharedArrays()
     stop_event = ctx.Event()
@@ -415,14 +417,15 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         learner_rng = np.random.default_rng(args.seed)  # the prefetch thread's sampling
         if checkpoint is not None:
             try:
-                q_network.load_state_dict(checkpoint["q_network"])
-                target_network.load_state_dict(checkpoint["target_network"])
-                optimizer.load_state_dict(checkpoint["optimizer"])
+                load_learner_state(checkpoint, q_network, target_network, optimizer)
                 progress.update(checkpoint["progress"])
                 arrays["actor_steps"][:] = checkpoint["actor_steps"].numpy()
                 if checkpoint["replay"] is not None:
                     replay.load_state_dict(from_storable(checkpoint["replay"]))
                     replay.truncate_streams()  # the actors' envs start new episodes
+                else:  # an empty replay: learning starts again after learning_starts new steps
+                    progress.update(learn_from=progress["global_step"] + args.learning_starts,
+                                    updates_base=progress["updates"])
                 restore_rng_states(checkpoint["rng"], learner_rng)
             except (KeyError, RuntimeError, ValueError, TypeError) as e:
                 first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -487,8 +490,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                     atomic_save({
                         "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
                         "progress": dict(progress), "actor_steps": torch.from_numpy(actor_steps.copy()),
-                        "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-                        "optimizer": optimizer.state_dict(), "rng": rng_states(prefetcher.rng),
+                        **learner_state(q_network, target_network, optimizer),
+                        "rng": rng_states(prefetcher.rng),
                         "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
                     }, checkpoint_file)
             finally:
@@ -518,8 +521,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
 
             global_step = int(actor_steps.sum())
             # ALGO LOGIC: train while the replay ratio allows, else let the actors catch up
-            learning = global_step >= args.learning_starts
-            if learning and updates * trained_per_update <= args.replay_ratio * (global_step - args.learning_starts):
+            learn_from = progress["learn_from"]
+            trained = (updates - progress["updates_base"]) * trained_per_update  # since learning (re)started
+            if global_step >= learn_from and trained <= args.replay_ratio * (global_step - learn_from):
                 t0 = time.time()
                 while True:
                     try:
