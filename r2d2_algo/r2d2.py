@@ -604,19 +604,27 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                   + (f"; resume with --resume {os.path.dirname(checkpoint_file)}" if args.checkpoint_interval else ""))
             return 128 + stop.signum
         if args.save_model:
-            model_path = f"saved_models/{run_name}/model.pt"
-            save_model(model_path, q_network, args, observation_space, n_actions)
-            print(f"model saved to {model_path}")
-            if args.eval_episodes > 0:
-                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
-                log_evaluation(writer, np.array(result["returns"]), progress["global_step"], time.time() - start_time)
-                print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
-                      f"(written to {result['output']})")
+            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer,
+                                    progress["global_step"], start_time, device)
         return 0
     finally:
         bar.close()
         envs.close()
         writer.close()
+
+
+def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args, observation_space, n_actions: int,
+                            writer: SummaryWriter, global_step: int, start_time: float, device) -> None:
+    """End of a run with --save-model (both scripts): write saved_models/{run_name}/model.pt, then
+    evaluate the saved file as evaluate.py does and log it as the final eval/episodic_return."""
+    model_path = f"saved_models/{run_name}/model.pt"
+    save_model(model_path, q_network, args, observation_space, n_actions)
+    print(f"model saved to {model_path}")
+    if args.eval_episodes > 0:
+        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+        log_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
+        print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+              f"(written to {result['output']})", flush=True)
 
 
 def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:

@@ -56,7 +56,6 @@ from r2d2_algo.checkpoint import (
     restore_rng_states,
     resume_run,
     rng_states,
-    save_model,
     to_storable,
 )
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
@@ -64,10 +63,9 @@ from r2d2_algo.evaluate import (
     EVAL_EPSILON,
     EVAL_SEED_OFFSET,
     evaluate,
-    evaluate_saved_model,
 )
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.r2d2 import EnvActor, batch_to_torch, r2d2_loss
+from r2d2_algo.r2d2 import EnvActor, batch_to_torch, r2d2_loss, save_and_evaluate_model
 from r2d2_algo.r2d2 import check_args as r2d2_check_args
 from r2d2_algo.r2d2 import log_evaluation as write_evaluation
 from r2d2_algo.shared import SharedArrays, available_memory_bytes
@@ -598,12 +596,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
 
         writer.add_scalar("charts/learner_updates", updates, global_step)  # the final count, always
         if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
-            model_path = f"saved_models/{run_name}/model.pt"
-            save_model(model_path, q_network, args, observation_space, n_actions)
-            print(f"model saved to {model_path}")
-            if args.eval_episodes > 0:
-                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
-                write_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
+            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
+                                    start_time, device)
         elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
             log_evaluation(writer, q_network, args, device, global_step, start_time)
     except StopRun as e:
