@@ -16,7 +16,8 @@
 
 Every rate is also given per CPU-second (the CPU time of the process and all its threads).
 Ratios (actor SPS ÷ min(raw env SPS, forward rate), system ÷ actor) are measured in the same
-run on the same cores. Prints tables and writes JSON.
+run on the same cores; the main measurements are repeated in interleaved rounds (--repeats) and
+the actor ratio is the median of the rounds' ratios. Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class Args:
     env_id: str = "PongNoFrameskip-v4"
     """environment to measure"""
-    seconds: float = 15.0
+    seconds: float = 10.0
     """measuring time per cell (after warm-up)"""
+    repeats: int = 3
+    """rounds of the main measurements (raw, forward, actor, actor with 1 split), interleaved so a
+    slow spell of the machine hits every kind; medians are reported, ratios are taken per round"""
     processes: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
     envs_per_process: int = 32
@@ -213,24 +217,36 @@ def main(args: Args) -> None:
     results = {"args": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                  "cpu_model": _cpu_model(), "torch": torch.__version__}}
     print(f"measuring {args.env_id} with {P} process(es) × {E} envs, {T:.0f} s per cell ...", flush=True)
-    main_rates = {
-        "raw": parallel_rate("raw", args.env_id, P, E, T, env_threads=args.env_threads),
-        "forward": parallel_rate("forward", args.env_id, P, E, T),
-        "actor": parallel_rate("actor", args.env_id, P, E, T, S_atari, args.env_threads),
-        "actor_one_split": parallel_rate("actor", args.env_id, P, E, T, 1, args.env_threads),
-    }
-    results["main"] = main_rates
+    rounds = []
+    for i in range(args.repeats):
+        rounds.append({
+            "raw": parallel_rate("raw", args.env_id, P, E, T, env_threads=args.env_threads),
+            "forward": parallel_rate("forward", args.env_id, P, E, T),
+            "actor": parallel_rate("actor", args.env_id, P, E, T, S_atari, args.env_threads),
+            "actor_one_split": parallel_rate("actor", args.env_id, P, E, T, 1, args.env_threads),
+        })
+        w = {k: v["per_second"] for k, v in rounds[-1].items()}
+        print(f"round {i + 1}/{args.repeats}: raw {w['raw']:.0f}, forward {w['forward']:.0f}, actor {w['actor']:.0f}, "
+              f"actor 1 split {w['actor_one_split']:.0f} steps/s; actor ÷ min(raw, forward) "
+              f"{w['actor'] / min(w['raw'], w['forward']):.2f}", flush=True)
+    main_rates = {k: {unit: float(np.median([r[k][unit] for r in rounds])) for unit in ("per_second", "per_cpu_second")}
+                  for k in rounds[0]}
+    results["rounds"], results["main"] = rounds, main_rates
     if args.system:
         results["system"] = system_sps(args.env_id, P, E, T, S)
     results["replay"] = replay_throughput(args.env_id, T / 2)
     wall = {k: v["per_second"] for k, v in main_rates.items()}
     cpu = {k: v["per_cpu_second"] for k, v in main_rates.items()}
-    results["ratios"] = {"actor_over_min_raw_forward": wall["actor"] / min(wall["raw"], wall["forward"]),
+    round_ratios = [r["actor"]["per_second"] / min(r["raw"]["per_second"], r["forward"]["per_second"])
+                    for r in rounds]
+    results["ratios"] = {"actor_over_min_raw_forward": float(np.median(round_ratios)),
+                         "actor_over_min_raw_forward_rounds": round_ratios,
                          "actor_over_min_raw_forward_per_cpu_second":
                              cpu["actor"] / min(cpu["raw"], cpu["forward"]),
                          "serial_bound_per_cpu_second":
                              1 / (1 / cpu["raw"] + 1 / cpu["forward"]) / min(cpu["raw"], cpu["forward"])}
-    print(f"\n| measurement ({P} proc × {E} envs) | steps/s | steps per CPU-second |\n|---|---|---|")
+    print(f"\n| measurement ({P} proc × {E} envs, median of {args.repeats} rounds) | steps/s | steps per CPU-second |"
+          f"\n|---|---|---|")
     print(f"| raw env, random actions | {wall['raw']:.0f} | {cpu['raw']:.0f} |")
     print(f"| batched policy forward (obs/s) | {wall['forward']:.0f} | {cpu['forward']:.0f} |")
     print(f"| actors, {S_atari} env split(s), policy + replay writes, learner idle | {wall['actor']:.0f} | "
@@ -238,7 +254,9 @@ def main(args: Args) -> None:
     print(f"| actors, 1 env split (env and network take turns) | {wall['actor_one_split']:.0f} | "
           f"{cpu['actor_one_split']:.0f} |")
     r = results["ratios"]
-    print(f"| actor ÷ min(raw env, forward) | {r['actor_over_min_raw_forward']:.2f} | "
+    spread = f"{min(r['actor_over_min_raw_forward_rounds']):.2f}–{max(r['actor_over_min_raw_forward_rounds']):.2f}"
+    print(f"| actor ÷ min(raw env, forward), median of the rounds' ratios ({spread}) | "
+          f"{r['actor_over_min_raw_forward']:.2f} | "
           f"{r['actor_over_min_raw_forward_per_cpu_second']:.2f} |")
     print(f"| bound for one CPU doing both, 1/(1/raw + 1/forward) ÷ min | | {r['serial_bound_per_cpu_second']:.2f} |")
     if args.system:

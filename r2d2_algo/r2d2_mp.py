@@ -402,6 +402,31 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         stop_request.append("interrupted (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM")
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    actors_checked_at = [0.0]
+
+    def check_stop() -> None:
+        """Raise StopRun on a stop request or a dead actor (reported with its traceback)."""
+        if stop_request:
+            raise StopRun(stop_request[0])
+        if time.monotonic() - actors_checked_at[0] < 0.2:
+            return
+        actors_checked_at[0] = time.monotonic()
+        for p in actors:
+            if p.exitcode is not None:
+                try:
+                    name, trace = error_queue.get(timeout=2.0)
+                except queue.Empty:
+                    name, trace = p.name, f"exit code {p.exitcode} (no traceback: killed by a signal?)"
+                raise StopRun(f"{name} died:\n{trace}")
+
+    # A CPU update on Atari takes tens of seconds (a few big ops), so the stop check also runs
+    # at every module call and every parameter gradient: a stop waits for one op, not one update.
+    # Raised before optimizer.step, it leaves the weights as the last finished update left them.
+    for network in (q_network, target_network):
+        for module in network.modules():
+            module.register_forward_pre_hook(lambda *_: check_stop())
+    for parameter in q_network.parameters():
+        parameter.register_hook(lambda grad: check_stop())
     exit_code = 0
     try:
         replay = create_shared_memory(arrays, replay_kwargs, num_params, args.num_actors)
@@ -497,15 +522,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
 
         while global_step < args.total_timesteps:
-            if stop_request:
-                raise StopRun(stop_request[0])
-            for p in actors:  # a dead actor stops the run
-                if p.exitcode is not None:
-                    try:
-                        name, trace = error_queue.get(timeout=2.0)
-                    except queue.Empty:
-                        name, trace = p.name, f"exit code {p.exitcode} (no traceback: killed by a signal?)"
-                    raise StopRun(f"{name} died:\n{trace}")
+            check_stop()  # a stop request or a dead actor stops the run
             if prefetcher.error is not None:
                 raise prefetcher.error
             while True:
@@ -528,8 +545,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                         batch = prefetcher.batches.get(timeout=0.1)
                         break
                     except queue.Empty:  # keep answering a stop request while waiting
-                        if stop_request:
-                            raise StopRun(stop_request[0]) from None
+                        check_stop()
                         if prefetcher.error is not None:
                             raise prefetcher.error from None
                 sample_wait += time.time() - t0

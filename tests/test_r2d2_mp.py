@@ -236,6 +236,32 @@ def test_exception_in_the_learner_cleans_up(tmp_path, monkeypatch):
     assert not shm_segments_of(os.getpid())
 
 
+def test_ctrl_c_during_an_update_stops_without_finishing_it(tmp_path, monkeypatch):
+    """A CPU update on Atari takes tens of seconds: Ctrl-C arriving inside one stops the run at
+    the next module call (the update is neither finished nor applied), and the last checkpoint
+    holds the weights of the updates before it."""
+    import r2d2_algo.r2d2_mp as r2d2_mp
+    from r2d2_algo.checkpoint import load_checkpoint
+
+    real_loss, calls = r2d2_mp.r2d2_loss, []
+
+    def loss_interrupted_midway(*args, **kwargs):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGINT)  # lands at the loss's next Python line
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(r2d2_mp, "r2d2_loss", loss_interrupted_midway)
+    monkeypatch.chdir(tmp_path)
+    args = r2d2_mp.Args(env_id="CartPole-v1", num_actors=2, num_envs_per_actor=2, total_timesteps=100000,
+                        hidden_size=16, torso_size=16, head_hidden_size=16, burn_in_length=2, sequence_length=4,
+                        overlap=2, batch_size=4, buffer_size=4000, learning_starts=200, log_interval=1.0,
+                        checkpoint_interval=10**6, eval_episodes=0)
+    assert r2d2_mp.main(args, argv=[]) == 130
+    (path,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))
+    assert len(calls) == 1 and load_checkpoint(path)["progress"]["updates"] == 0
+    assert not shm_segments_of(os.getpid())
+
+
 def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
     proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--buffer-size", "100000000")
     out, err = wait_clean(proc, timeout=60)
