@@ -7,8 +7,8 @@
 2. actor SPS: the same processes running the actors' own code (r2d2.EnvActor: batched forward
    pass of a CPU copy of the network, ε-greedy, every step written to a replay), learner idle,
    with --env-splits batches (double buffering) and with 1;
-3. batched policy forward rate: observations/s of the CPU network alone at batch E, one thread
-   per process, P processes;
+3. batched policy forward rate: observations/s of the CPU network alone at batch E and at the
+   batch of one env split (E / splits), one thread per process, P processes; ratios use the faster;
 4. system SPS while learning: r2d2_mp.py with the same actors and a learner, read from its log;
 5. replay insert (steps/s) and sample (64-sequence Atari batches/s, with stack rebuilding);
 6. scaling tables: SPS vs actors at a fixed total number of envs ("fixed batch size") and vs
@@ -39,9 +39,10 @@ import numpy as np
 import torch
 import tyro
 
-from r2d2_algo.envs import check_env_id, frame_stack_of, make_vector_env
+from r2d2_algo.envs import check_env_id, default_env_threads, frame_stack_of, make_vector_env
 from r2d2_algo.model import RNNQNetwork
 from r2d2_algo.r2d2 import EnvActor
+from r2d2_algo.r2d2_mp import Args as R2D2MPArgs
 from r2d2_algo.storage import SequenceReplayBuffer, stack_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,28 +59,31 @@ class Args:
     slow spell of the machine hits every kind; medians are reported, ratios are taken per round"""
     processes: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
-    envs_per_process: int = 32
+    envs_per_process: int = R2D2MPArgs.num_envs_per_actor
     """envs per actor process for the main measurements (r2d2_mp.py's default)"""
     env_splits: int = 2
     """Atari: the actors' env batches (r2d2_mp.py --env-splits); 1 = env and network take turns"""
     env_threads: int = 0
-    """Atari: ale-py C++ threads per process (r2d2_mp.py --env-threads; 0: ale-py's default)"""
+    """Atari: ale-py C++ threads per process (r2d2_mp.py --env-threads; 0: its default, cores ÷ processes)"""
     scaling_processes: list[int] = field(default_factory=lambda: [1, 2])
     """actor counts of the scaling tables"""
-    scaling_total_envs: int = 64
+    scaling_total_envs: int = 128
     """total envs of the fixed-batch-size table"""
+    scaling_envs_per_process: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    """envs per process of the envs-per-actor table (at --processes processes)"""
     system: bool = True
     """also measure the whole system while learning (runs r2d2_mp.py)"""
     out: str = "benchmarks/results/bench_mp.json"
     """where to write the JSON results"""
 
 
-def _worker(kind: str, env_id: str, num_envs: int, num_splits: int, env_threads: int, seconds: float, seed: int,
-            result_queue) -> None:
+def _worker(kind: str, env_id: str, num_envs: int, num_splits: int, env_threads: int, num_processes: int,
+            seconds: float, seed: int, result_queue) -> None:
     torch.set_num_threads(1)
     observation_space, n_actions = check_env_id(env_id)
     splits = num_splits if kind == "actor" else 1
-    envs = make_vector_env(env_id, num_envs, seed, num_splits=splits, num_threads=env_threads,
+    envs = make_vector_env(env_id, num_envs, seed, num_splits=splits, num_threads=env_threads or
+                           default_env_threads(num_processes),
                            thread_niceness=10 if splits > 1 else 0)  # as r2d2_mp.py's actors
     net = RNNQNetwork(observation_space, n_actions)
     replay = SequenceReplayBuffer(num_envs, num_envs * 2000, observation_space.shape, observation_space.dtype,
@@ -123,8 +127,8 @@ def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int,
     """Summed steps/s (observations/s for 'forward') of `processes` workers, and steps per CPU-second."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(kind, env_id, envs_per_process, num_splits, env_threads, seconds,
-                                                   i, q)) for i in range(processes)]
+    workers = [ctx.Process(target=_worker, args=(kind, env_id, envs_per_process, num_splits, env_threads, processes,
+                                                   seconds, i, q)) for i in range(processes)]
     for w in workers:
         w.start()
     rates, deadline = [], time.time() + seconds + 300
@@ -211,6 +215,12 @@ def replay_throughput(env_id: str, seconds: float) -> dict:
                 n_step=5, overlap=40, frame_stack=frame_stack) / 200_000}
 
 
+def fastest_forward(rates: dict, unit: str) -> float:
+    """The forward reference of the ratios: the faster of the two batch sizes measured (the
+    actor's envs, and the envs of one split), so the ratio is never flattered by a slow batch."""
+    return max(rates["forward"][unit], rates.get("forward_split", rates["forward"])[unit])
+
+
 def main(args: Args) -> None:
     P, E, T, S = args.processes, args.envs_per_process, args.seconds, args.env_splits
     S_atari = S if frame_stack_of(args.env_id) > 1 else 1
@@ -222,13 +232,16 @@ def main(args: Args) -> None:
         rounds.append({
             "raw": parallel_rate("raw", args.env_id, P, E, T, env_threads=args.env_threads),
             "forward": parallel_rate("forward", args.env_id, P, E, T),
+            # the batch each of the actor's forward passes has with its envs split
+            **({"forward_split": parallel_rate("forward", args.env_id, P, E // S_atari, T)} if S_atari > 1 else {}),
             "actor": parallel_rate("actor", args.env_id, P, E, T, S_atari, args.env_threads),
             "actor_one_split": parallel_rate("actor", args.env_id, P, E, T, 1, args.env_threads),
         })
         w = {k: v["per_second"] for k, v in rounds[-1].items()}
-        print(f"round {i + 1}/{args.repeats}: raw {w['raw']:.0f}, forward {w['forward']:.0f}, actor {w['actor']:.0f}, "
+        print(f"round {i + 1}/{args.repeats}: raw {w['raw']:.0f}, forward {w['forward']:.0f} "
+              f"(batch {E // S_atari}: {w.get('forward_split', w['forward']):.0f}), actor {w['actor']:.0f}, "
               f"actor 1 split {w['actor_one_split']:.0f} steps/s; actor ÷ min(raw, forward) "
-              f"{w['actor'] / min(w['raw'], w['forward']):.2f}", flush=True)
+              f"{w['actor'] / min(w['raw'], fastest_forward(rounds[-1], 'per_second')):.2f}", flush=True)
     main_rates = {k: {unit: float(np.median([r[k][unit] for r in rounds])) for unit in ("per_second", "per_cpu_second")}
                   for k in rounds[0]}
     results["rounds"], results["main"] = rounds, main_rates
@@ -237,18 +250,20 @@ def main(args: Args) -> None:
     results["replay"] = replay_throughput(args.env_id, T / 2)
     wall = {k: v["per_second"] for k, v in main_rates.items()}
     cpu = {k: v["per_cpu_second"] for k, v in main_rates.items()}
-    round_ratios = [r["actor"]["per_second"] / min(r["raw"]["per_second"], r["forward"]["per_second"])
+    round_ratios = [r["actor"]["per_second"] / min(r["raw"]["per_second"], fastest_forward(r, "per_second"))
                     for r in rounds]
+    fwd_cpu = fastest_forward(main_rates, "per_cpu_second")
     results["ratios"] = {"actor_over_min_raw_forward": float(np.median(round_ratios)),
                          "actor_over_min_raw_forward_rounds": round_ratios,
-                         "actor_over_min_raw_forward_per_cpu_second":
-                             cpu["actor"] / min(cpu["raw"], cpu["forward"]),
-                         "serial_bound_per_cpu_second":
-                             1 / (1 / cpu["raw"] + 1 / cpu["forward"]) / min(cpu["raw"], cpu["forward"])}
+                         "actor_over_min_raw_forward_per_cpu_second": cpu["actor"] / min(cpu["raw"], fwd_cpu),
+                         "serial_bound_per_cpu_second": 1 / (1 / cpu["raw"] + 1 / fwd_cpu) / min(cpu["raw"], fwd_cpu)}
     print(f"\n| measurement ({P} proc × {E} envs, median of {args.repeats} rounds) | steps/s | steps per CPU-second |"
           f"\n|---|---|---|")
     print(f"| raw env, random actions | {wall['raw']:.0f} | {cpu['raw']:.0f} |")
-    print(f"| batched policy forward (obs/s) | {wall['forward']:.0f} | {cpu['forward']:.0f} |")
+    print(f"| batched policy forward, batch {E} (obs/s) | {wall['forward']:.0f} | {cpu['forward']:.0f} |")
+    if "forward_split" in wall:
+        print(f"| batched policy forward, batch {E // S_atari} (obs/s) | {wall['forward_split']:.0f} | "
+              f"{cpu['forward_split']:.0f} |")
     print(f"| actors, {S_atari} env split(s), policy + replay writes, learner idle | {wall['actor']:.0f} | "
           f"{cpu['actor']:.0f} |")
     print(f"| actors, 1 env split (env and network take turns) | {wall['actor_one_split']:.0f} | "
@@ -278,8 +293,14 @@ def main(args: Args) -> None:
         fixed_envs.append({"processes": p, "envs_per_process": E,
                            "actor_sps": parallel_rate("actor", args.env_id, p, E, T, S_atari,
                                                       args.env_threads)["per_second"]})
+    envs_per_process = [
+        {"processes": P, "envs_per_process": e,
+         "actor_sps": parallel_rate("actor", args.env_id, P, e, T, S_atari, args.env_threads)["per_second"]}
+        for e in args.scaling_envs_per_process if e % S_atari == 0]
     results["scaling_fixed_total_envs"], results["scaling_fixed_envs_per_process"] = fixed_batch, fixed_envs
-    for title, rows in (("fixed total envs (batch size)", fixed_batch), ("fixed envs per process", fixed_envs)):
+    results["scaling_envs_per_process"] = envs_per_process
+    for title, rows in (("fixed total envs (batch size)", fixed_batch), ("fixed envs per process", fixed_envs),
+                        (f"{P} process(es), envs per process", envs_per_process)):
         print(f"\n| {title}: processes | envs/process | actor SPS |\n|---|---|---|")
         for row in rows:
             print(f"| {row['processes']} | {row['envs_per_process']} | {row['actor_sps']:.0f} |")

@@ -158,6 +158,14 @@ def check_env_id(env_id: str) -> tuple[gym.spaces.Box, int]:
     return obs_space, int(act_space.n)
 
 
+def default_env_threads(num_processes: int) -> int:
+    """C++ env threads per actor process when not given: the usable cores shared among the
+    processes (at least 1), so all actors' ale-py threads together match the cores (ale-py's own
+    default, one per core in every process, would start cores × processes threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, num_processes))
+
+
 def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
                     num_threads: int = 0, thread_niceness: int = 0) -> gym.vector.VectorEnv:
     """``num_envs`` copies with NEXT_STEP autoreset, env i seeded ``seed + i``.

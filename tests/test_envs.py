@@ -1,5 +1,7 @@
 """Environment construction: accepted and refused ids, Atari preprocessing, the ε ladder."""
 
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from r2d2_algo.envs import (
     NO_VELOCITY_CARTPOLE_ID,
     UnsupportedEnvError,
     check_env_id,
+    default_env_threads,
     epsilon_ladder,
     make_env,
     make_vector_env,
@@ -98,3 +101,8 @@ def test_epsilon_ladder_ape_x_values():
     assert epsilon_ladder(1)[0] == 0.4
     with pytest.raises(ValueError):
         epsilon_ladder(0)
+
+
+def test_default_env_threads_share_the_cores_among_the_actors(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [default_env_threads(n) for n in (1, 2, 3, 15, 16, 40)] == [16, 8, 5, 1, 1, 1]
