@@ -638,4 +638,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(tyro.cli(Args)))
     except KeyboardInterrupt:
-        sys.exit("r2d2.py: interrupted")
+        print("r2d2.py: interrupted", file=sys.stderr)
+        sys.exit(130)

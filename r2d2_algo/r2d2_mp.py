@@ -172,6 +172,9 @@ class Args:
     """seconds between scalar logs"""
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 class StopRun(Exception):
     """Raised in the learner to stop the run cleanly (SIGTERM, a dead actor)."""
 
@@ -225,6 +228,9 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
     is being written), or once all actors together have taken ``total_timesteps`` steps, the
     actor waits between steps. ``seed_offset`` (the resumed step count)
     gives a resumed run new episodes."""
+    for signum in STOP_SIGNALS:  # the learner handles Ctrl-C / SIGTERM (blocked until here, see main)
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     torch.set_num_threads(1)
     arrays = SharedArrays.attach(layout)
     envs = None
@@ -463,11 +469,13 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         print(f"run {run_name}: {parameter_count(q_network):,} parameters, learner on {device}, "
               f"{args.num_actors} actors × {args.num_envs_per_actor} envs, replay {args.buffer_size:,} observations "
               f"= {replay_bytes / 2**30:.2f} GiB in shared memory", flush=True)
-        # actors start with SIGINT and SIGTERM ignored (inherited through exec, before Python even
-        # loads): Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only
-        # the learner must act on it (it pauses the actors for a last checkpoint, then stops them)
-        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        previous_sigterm = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
+        # learner must act on it (it pauses the actors for a last checkpoint, then stops them). The
+        # actors start with SIGINT and SIGTERM blocked (the mask is inherited through exec, before
+        # Python even loads) and ignore them from their first line. Blocked, not ignored, here too:
+        # a stop that arrives while the actors start (about a second) waits for the learner
+        # instead of being lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for actor_id in range(args.num_actors):
                 p = ctx.Process(target=actor_process, name=f"actor-{actor_id}", daemon=True,
@@ -477,8 +485,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 p.start()
                 actors.append(p)
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
-            signal.signal(signal.SIGTERM, previous_sigterm)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
         # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
         writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"]
@@ -667,4 +674,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(tyro.cli(Args)))
     except KeyboardInterrupt:  # before any process or shared memory exists
-        sys.exit("r2d2_mp.py: interrupted")
+        print("r2d2_mp.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -262,6 +262,27 @@ def test_ctrl_c_during_an_update_stops_without_finishing_it(tmp_path, monkeypatc
     assert not shm_segments_of(os.getpid())
 
 
+class ProcessInterruptedAtStart(std_mp.get_context("spawn").Process):
+    """An actor process whose start is hit by Ctrl-C (the learner spends about a second there)."""
+
+    def start(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        super().start()
+
+
+def test_ctrl_c_while_the_actors_start_is_not_lost(tmp_path, monkeypatch):
+    import r2d2_algo.r2d2_mp as r2d2_mp
+
+    monkeypatch.setattr(r2d2_mp.mp.get_context("spawn"), "Process", ProcessInterruptedAtStart)
+    monkeypatch.chdir(tmp_path)
+    args = r2d2_mp.Args(env_id="CartPole-v1", num_actors=2, num_envs_per_actor=2, total_timesteps=3000,
+                        hidden_size=16, torso_size=16, head_hidden_size=16, burn_in_length=2, sequence_length=4,
+                        overlap=2, batch_size=4, buffer_size=4000, learning_starts=200, log_interval=1.0,
+                        eval_episodes=0)
+    assert r2d2_mp.main(args, argv=[]) == 130  # not a run that ignored the Ctrl-C and finished
+    assert not shm_segments_of(os.getpid())
+
+
 def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
     proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--buffer-size", "100000000")
     out, err = wait_clean(proc, timeout=60)
