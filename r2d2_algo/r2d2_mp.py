@@ -160,6 +160,9 @@ class Args:
     """environment steps before learning starts"""
     replay_ratio: float = 1.0
     """most trained observations sampled per observation added (B·m per update ÷ env steps); the learner waits above it"""
+    min_replay_ratio: float = 0.0
+    """fewest trained observations per observation added: the actors wait while the learner is below it
+    (0: the actors never wait, as in the paper; set it when a slow learner, e.g. on CPU, falls behind)"""
 
     # Evaluation and logging
     eval_interval: int = 0
@@ -202,6 +205,7 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     weights:  the learner's parameters as one float32 vector, and weights_version (its update count)
     counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
     checkpoints: pause (the learner asks the actors to wait), actor_paused (each actor waits)
+    rate limit: learner_behind (the learner is below --min-replay-ratio: the actors wait)
     """
     replay = SequenceReplayBuffer(**replay_kwargs, index=True, allocate=arrays.allocate)
     arrays.allocate("weights", (num_params,), np.float32)
@@ -210,6 +214,7 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     arrays.allocate("actor_weights_version", (num_actors,), np.int64)
     arrays.allocate("pause", (1,), np.int64)  # set by the learner while it writes a checkpoint
     arrays.allocate("actor_paused", (num_actors,), np.int64)  # each actor's acknowledgement
+    arrays.allocate("learner_behind", (1,), np.int64)
     return replay
 
 
@@ -260,16 +265,19 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
         refreshed_at = 0  # env steps per env at the last refresh
         steps_before = int(arrays["actor_steps"][actor_id])  # a resumed run continues the count
-        pause, paused = arrays["pause"], arrays["actor_paused"]
+        pause, paused, learner_behind = arrays["pause"], arrays["actor_paused"], arrays["learner_behind"]
         all_steps = arrays["actor_steps"][: args.num_actors]
+
+        def must_wait() -> bool:  # a checkpoint, a learner below --min-replay-ratio, or the run's steps are done
+            return bool(pause[0] or learner_behind[0] or all_steps.sum() >= args.total_timesteps)
+
         while not stop_event.is_set():
             if os.getppid() != parent_pid:
                 return  # the learner is gone: nobody will read what we write
-            if pause[0] or all_steps.sum() >= args.total_timesteps:  # a checkpoint, or the run's steps are done
+            if must_wait():
                 paused[actor_id] = 1
-                while (pause[0] or all_steps.sum() >= args.total_timesteps) and not stop_event.is_set() \
-                        and os.getppid() == parent_pid:
-                    time.sleep(0.01)
+                while must_wait() and not stop_event.is_set() and os.getppid() == parent_pid:
+                    time.sleep(0.002)
                 paused[actor_id] = 0
                 continue
             for _, episodic_return, episodic_length in actor.step():
@@ -340,6 +348,9 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--log-interval must be > 0, got {args.log_interval}")
     if args.env_threads < 0:
         raise ValueError(f"--env-threads must be >= 0, got {args.env_threads}")
+    if not 0.0 <= args.min_replay_ratio <= args.replay_ratio:
+        raise ValueError(f"--min-replay-ratio must be in [0, --replay-ratio={args.replay_ratio}], "
+                         f"got {args.min_replay_ratio}")
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
@@ -547,6 +558,11 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             # ALGO LOGIC: train while the replay ratio allows, else let the actors catch up
             learn_from = progress["learn_from"]
             trained = (updates - progress["updates_base"]) * trained_per_update  # since learning (re)started
+            # the rate limit: the actors wait while the learner is below --min-replay-ratio (it can
+            # train then: it is below --replay-ratio and the replay holds sequences)
+            arrays["learner_behind"][0] = int(args.min_replay_ratio > 0 and global_step >= learn_from
+                                              and trained < args.min_replay_ratio * (global_step - learn_from)
+                                              and replay.num_valid_sequences > 0)
             if global_step >= learn_from and trained <= args.replay_ratio * (global_step - learn_from):
                 t0 = time.time()
                 while True:

@@ -283,6 +283,27 @@ def test_ctrl_c_while_the_actors_start_is_not_lost(tmp_path, monkeypatch):
     assert not shm_segments_of(os.getpid())
 
 
+def test_min_replay_ratio_makes_the_actors_wait_for_a_slow_learner(tmp_path):
+    """CartPole actors outrun a CPU learner many times over; with --min-replay-ratio they wait, so
+    the run ends having trained (nearly) that many observations per observation added."""
+    def final_updates(*extra):
+        proc = start(tmp_path / str(len(extra)), "--env-id", "CartPole-v1", "--num-actors", "2", *SMALL,
+                     "--total-timesteps", "6000", "--replay-ratio", "32", "--eval-episodes", "0", *extra)
+        out, err = wait_clean(proc, timeout=300)
+        assert proc.returncode == 0, err
+        (run_dir,) = glob.glob(str(tmp_path / str(len(extra)) / "runs" / "*"))
+        acc = EventAccumulator(run_dir)
+        acc.Reload()
+        return acc.Scalars("charts/learner_updates")[-1].value
+
+    trained_per_update = 16 * 8  # SMALL: --batch-size 16, --sequence-length 8, --learning-starts 1000
+    asked = 32 * (6000 - 1000) / trained_per_update  # updates at a replay ratio of 32
+    (tmp_path / "0").mkdir()
+    (tmp_path / "2").mkdir()
+    assert final_updates("--min-replay-ratio", "32") >= 0.95 * asked
+    assert final_updates() < 0.8 * asked  # without it the actors finish first (else this test shows nothing)
+
+
 def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
     proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--buffer-size", "100000000")
     out, err = wait_clean(proc, timeout=60)
