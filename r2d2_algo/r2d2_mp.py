@@ -218,6 +218,22 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     return replay
 
 
+def publish(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, lock, updates: int) -> None:
+    """Learner side: copy the parameters into the shared float32 vector ``weights`` (P,) and set
+    ``version`` (1,) int64 to ``updates``, both under ``lock`` (R2D2 Sec. 2.3: actors act with
+    the learner's recent weights)."""
+    with lock:
+        weights[:] = parameters_to_vector(network.parameters()).detach().cpu().numpy()
+        version[0] = updates
+
+
+def load_published_weights(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, lock) -> int:
+    """Actor side of ``publish``: load the shared weights into ``network``; returns their version."""
+    with lock:
+        vector_to_parameters(torch.from_numpy(weights.copy()), network.parameters())
+        return int(version[0])
+
+
 def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
     return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
                        args.head_hidden_size)
@@ -257,9 +273,7 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
                                thread_niceness=10 if splits > 1 else 0)
 
         def refresh_weights() -> None:
-            with weights_lock:
-                vector_to_parameters(torch.from_numpy(weights.copy()), net.parameters())
-                arrays["actor_weights_version"][actor_id] = version[0]
+            arrays["actor_weights_version"][actor_id] = load_published_weights(net, weights, version, weights_lock)
 
         refresh_weights()
         actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
@@ -452,9 +466,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         weights, version = arrays["weights"], arrays["weights_version"]
 
         def publish_weights(updates: int) -> None:
-            with weights_lock:
-                weights[:] = parameters_to_vector(q_network.parameters()).detach().cpu().numpy()
-                version[0] = updates
+            publish(q_network, weights, version, weights_lock, updates)
 
         learner_rng = np.random.default_rng(args.seed)  # the prefetch thread's sampling
         if checkpoint is not None:

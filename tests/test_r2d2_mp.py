@@ -160,6 +160,72 @@ def test_shared_replay_written_by_several_processes_equals_a_single_process_refe
 
 
 # ---------------------------------------------------------------- whole runs
+# ---------------------------------------------------------------- weight publication and refresh
+def small_network():
+    import gymnasium as gym
+
+    from r2d2_algo.model import RNNQNetwork
+
+    # ~0.7 M parameters: copies long enough (~ms) that readers and the writer overlap often
+    return RNNQNetwork(gym.spaces.Box(-1.0, 1.0, (4,), np.float32), 2, hidden_size=256, torso_size=256,
+                       head_hidden_size=256)
+
+
+def weight_reader_process(layout, lock, results, stop):
+    """An actor's side: refresh until stopped; every refresh must see one whole publication."""
+    from r2d2_algo.r2d2_mp import load_published_weights
+
+    arrays = SharedArrays.attach(layout)
+    net, seen, torn = small_network(), [], 0
+    while not stop.is_set() or not seen:
+        version = load_published_weights(net, arrays["weights"], arrays["weights_version"], lock)
+        values = torch.cat([p.detach().flatten() for p in net.parameters()])
+        torn += int(not bool((values == version).all()))  # publication k sets every weight to k
+        if not seen or seen[-1] != version:
+            seen.append(version)
+    results.put((seen, torn))
+    arrays.close()
+
+
+def test_published_weights_reach_other_processes_whole_and_in_order():
+    from r2d2_algo.r2d2_mp import publish
+
+    ctx = std_mp.get_context("spawn")
+    net = small_network()
+    num_params = sum(p.numel() for p in net.parameters())
+    arrays = SharedArrays()
+    try:
+        weights = arrays.allocate("weights", (num_params,), np.float32)
+        version = arrays.allocate("weights_version", (1,), np.int64)
+        lock, results, stop = ctx.Lock(), ctx.Queue(), ctx.Event()
+
+        def fill_and_publish(k):  # publication k: every weight is k
+            torch.nn.utils.vector_to_parameters(torch.full((num_params,), float(k)), net.parameters())
+            publish(net, weights, version, lock, k)
+
+        fill_and_publish(0)
+        readers = [ctx.Process(target=weight_reader_process, args=(arrays.layout, lock, results, stop))
+                   for _ in range(2)]
+        for r in readers:
+            r.start()
+        time.sleep(3.0)  # the readers are up and refreshing
+        for k in range(1, 301):
+            fill_and_publish(k)
+            time.sleep(0.002)
+        time.sleep(0.5)
+        stop.set()
+        outcomes = [results.get(timeout=30) for _ in readers]
+        for r in readers:
+            r.join(timeout=10)
+    finally:
+        arrays.close()
+        arrays.unlink()
+    for seen, torn in outcomes:
+        assert torn == 0  # never half of one publication and half of another
+        assert seen == sorted(seen) and seen[-1] == 300  # in order, up to the last one
+        assert len(seen) > 30  # they refreshed along the way, not only at the end
+
+
 def test_cartpole_run_end_to_end(tmp_path):
     proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "6000",
                  "--eval-episodes", "2", "--save-model", *SMALL)
