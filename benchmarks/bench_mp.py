@@ -227,7 +227,7 @@ def main(args: Args) -> None:
     results = {"args": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                  "cpu_model": _cpu_model(), "torch": torch.__version__}}
     print(f"measuring {args.env_id} with {P} process(es) × {E} envs, {T:.0f} s per cell ...", flush=True)
-    rounds = []
+    rounds, round_ratios = [], []  # each round's actor ÷ min(raw env, forward), from that round's rates
     for i in range(args.repeats):
         rounds.append({
             "raw": parallel_rate("raw", args.env_id, P, E, T, env_threads=args.env_threads),
@@ -238,10 +238,11 @@ def main(args: Args) -> None:
             "actor_one_split": parallel_rate("actor", args.env_id, P, E, T, 1, args.env_threads),
         })
         w = {k: v["per_second"] for k, v in rounds[-1].items()}
+        round_ratios.append(w["actor"] / min(w["raw"], fastest_forward(rounds[-1], "per_second")))
         print(f"round {i + 1}/{args.repeats}: raw {w['raw']:.0f}, forward {w['forward']:.0f} "
               f"(batch {E // S_atari}: {w.get('forward_split', w['forward']):.0f}), actor {w['actor']:.0f}, "
               f"actor 1 split {w['actor_one_split']:.0f} steps/s; actor ÷ min(raw, forward) "
-              f"{w['actor'] / min(w['raw'], fastest_forward(rounds[-1], 'per_second')):.2f}", flush=True)
+              f"{round_ratios[-1]:.2f}", flush=True)
     main_rates = {k: {unit: float(np.median([r[k][unit] for r in rounds])) for unit in ("per_second", "per_cpu_second")}
                   for k in rounds[0]}
     results["rounds"], results["main"] = rounds, main_rates
@@ -250,8 +251,6 @@ def main(args: Args) -> None:
     results["replay"] = replay_throughput(args.env_id, T / 2)
     wall = {k: v["per_second"] for k, v in main_rates.items()}
     cpu = {k: v["per_cpu_second"] for k, v in main_rates.items()}
-    round_ratios = [r["actor"]["per_second"] / min(r["raw"]["per_second"], fastest_forward(r, "per_second"))
-                    for r in rounds]
     fwd_cpu = fastest_forward(main_rates, "per_cpu_second")
     results["ratios"] = {"actor_over_min_raw_forward": float(np.median(round_ratios)),
                          "actor_over_min_raw_forward_rounds": round_ratios,
