@@ -25,8 +25,8 @@ import torch
 
 from r2d2_algo.model import RNNQNetwork
 
-MODEL_FORMAT = "r2d2-model-v1"
-CHECKPOINT_FORMAT = "r2d2-checkpoint-v1"
+MODEL_FORMAT = "r2d2-model-v2"  # v2: the core sees tanh(previous reward)
+CHECKPOINT_FORMAT = "r2d2-checkpoint-v2"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 

@@ -11,12 +11,15 @@
 - ``CartPoleNoVelocity-v1``: CartPole-v1 with the two velocity entries removed from the
   observation (cart position, pole angle remain), a memory task: the velocities must be
   inferred from consecutive observations, so a memoryless Q-network cannot balance well.
+  ``CartPoleNoVelocity-RewardScale0.01-v1`` and ``CartPoleNoVelocity-RewardScale100-v1`` are
+  the same task with every reward multiplied by 0.01 and 100 (returns at most 5 and 50,000).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import operator
 import os
 
 import gymnasium as gym
@@ -45,20 +48,29 @@ class CartPoleNoVelocity(gym.ObservationWrapper):
         return observation[self.KEPT]
 
 
-def make_cartpole_no_velocity(**kwargs) -> gym.Env:
-    """Entry point of CartPoleNoVelocity-v1 (TimeLimit 500 is added by the registry)."""
+def make_cartpole_no_velocity(reward_scale: float = 1.0, **kwargs) -> gym.Env:
+    """Entry point of CartPoleNoVelocity-v1 and its reward-scaled variants (TimeLimit 500 is
+    added by the registry): every reward is multiplied by ``reward_scale``."""
     from gymnasium.envs.classic_control import CartPoleEnv
 
-    return CartPoleNoVelocity(CartPoleEnv(**kwargs))
+    env = CartPoleNoVelocity(CartPoleEnv(**kwargs))
+    if reward_scale != 1.0:  # partial, not lambda: r2d2.py's checkpoints pickle the envs
+        env = gym.wrappers.TransformReward(env, functools.partial(operator.mul, reward_scale))
+    return env
 
 
-if NO_VELOCITY_CARTPOLE_ID not in gym.registry:
-    gym.register(
-        id=NO_VELOCITY_CARTPOLE_ID,
-        entry_point="r2d2_algo.envs:make_cartpole_no_velocity",
-        max_episode_steps=500,
-        reward_threshold=475.0,
-    )
+# The same memory task with rewards × 0.01 (return at most 5) and × 100 (at most 50,000): one
+# set of hyperparameters must learn all three (R2D2 uses one setting for every Atari game).
+REWARD_SCALED_IDS = {f"CartPoleNoVelocity-RewardScale{scale:g}-v1": scale for scale in (0.01, 100.0)}
+for env_id, scale in {NO_VELOCITY_CARTPOLE_ID: 1.0, **REWARD_SCALED_IDS}.items():
+    if env_id not in gym.registry:
+        gym.register(
+            id=env_id,
+            entry_point="r2d2_algo.envs:make_cartpole_no_velocity",
+            max_episode_steps=500,
+            reward_threshold=475.0 * scale,
+            kwargs={"reward_scale": scale} if scale != 1.0 else {},
+        )
 
 
 def _spec(env_id: str) -> gym.envs.registration.EnvSpec:

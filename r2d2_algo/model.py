@@ -259,7 +259,7 @@ class RNNQNetwork(nn.Module):
     """R2D2's recurrent dueling Q-network (Kapturowski et al. 2019, Sec. 2.3, Table 2).
 
     torso (MLP for 1-D Box observations, Nature-DQN conv for 3-D images)
-    -> core input [features, one-hot previous action, previous reward]
+    -> core input [features, one-hot previous action, tanh(previous reward)]
     -> core (ResettingLSTM, ResettingGRU or feed-forward) -> dueling head (Wang et al. 2016):
     Q = V + A - mean_a A.
 
@@ -323,7 +323,8 @@ class RNNQNetwork(nn.Module):
             obs: (T, B, *obs_shape), uint8 images or float vectors.
             prev_action: (T, B) int64, action taken before each step; -1 for none (encoded
                 as an all-zero one-hot), as at an episode start.
-            prev_reward: (T, B) float, reward received before each step (0 at an episode start).
+            prev_reward: (T, B) float, reward received before each step (0 at an episode start);
+                the core sees tanh of it.
             reset: (T, B) bool, True where the step begins an episode (state zeroed there).
             state: (B, state_size) float, recurrent state entering step 0.
         Returns:
@@ -334,7 +335,9 @@ class RNNQNetwork(nn.Module):
         features = self.torso(obs.reshape(T * B, *self.obs_shape)).view(T, B, -1)  # (T, B, torso)
         one_hot = F.one_hot(prev_action.clamp(min=0), self.n_actions).float()
         one_hot = one_hot * (prev_action >= 0).unsqueeze(-1).float()  # (T, B, A)
-        core_in = torch.cat([features, one_hot, prev_reward.float().unsqueeze(-1)], dim=-1)
+        # the reward enters squashed to (−1, 1), as in Acme's R2D2 (OAREmbedding): a task's reward
+        # scale must not saturate the core's gates
+        core_in = torch.cat([features, one_hot, torch.tanh(prev_reward.float()).unsqueeze(-1)], dim=-1)
         out, state = self.core(core_in, state, reset)  # (T, B, H)
         value = self.value(out)  # (T, B, 1)
         advantage = self.advantage(out)  # (T, B, A)

@@ -309,8 +309,9 @@ def n_step_targets(
 
     An episode end inside the n steps stops the sum there: at a terminated observation
     nothing is bootstrapped, at a truncated one the value is bootstrapped from that final
-    observation (time limits are not terminal). A step whose own observation is final has no
-    target (its action was never executed) and is masked out.
+    observation (time limits are not terminal). An observation both terminated and truncated
+    (the last allowed step was also a failure) is terminal. A step whose own observation is
+    final has no target (its action was never executed) and is masked out.
 
     Args:
         reward: (L, B) reward after each step's action.
@@ -331,7 +332,9 @@ def n_step_targets(
     for k in range(n_step):
         discounted += running * (gamma**k) * reward[k : k + T]
         ends = running & last[k + 1 : k + 1 + T]
-        bootstrap += (ends & truncated[k + 1 : k + 1 + T]) * (gamma ** (k + 1)) * value[k + 1 : k + 1 + T]
+        # termination wins over a time limit at the same step (gymnasium's TimeLimit sets both)
+        truncated_only = truncated[k + 1 : k + 1 + T] & ~terminated[k + 1 : k + 1 + T]
+        bootstrap += (ends & truncated_only) * (gamma ** (k + 1)) * value[k + 1 : k + 1 + T]
         running = running & ~last[k + 1 : k + 1 + T]
     bootstrap += running * (gamma**n_step) * value[n_step : n_step + T]
     return value_rescale(discounted + bootstrap, eps), mask
@@ -352,8 +355,11 @@ def r2d2_loss(
 
     The online network is burned in without gradient on the first l steps, then unrolled with
     gradient on the remaining m + n; the target network unrolls the whole window from the
-    same stored state (R2D2 Sec. 3, "burn-in"). Loss per sequence = mean over its valid
-    trained steps of ½δ², weighted by the importance weights, averaged over the batch.
+    same stored state (R2D2 Sec. 3, "burn-in"). Loss per sequence = sum over its valid
+    trained steps of ½δ², weighted by the importance weights, averaged over the batch. The
+    sum over time is the reduction of Acme's and SEED RL's R2D2 learners, which pair it with
+    the paper's Adam ε of 1e-3 (the paper does not state it); a mean over the m steps would
+    shrink every gradient m-fold, below the scale at which Adam's ε damps the step.
 
     Args:
         batch: tensors of a SequenceBatch (time-major, see storage.py).
@@ -377,7 +383,7 @@ def r2d2_loss(
                                        bootstrap_q, gamma, n_step, eps)  # (m, B)
     q_taken = q_online[:m].gather(-1, batch["action"][l : l + m].unsqueeze(-1)).squeeze(-1)  # (m, B)
     td = targets - q_taken
-    per_sequence = (0.5 * td.pow(2) * mask).sum(0) / mask.sum(0).clamp(min=1.0)  # (B,)
+    per_sequence = (0.5 * td.pow(2) * mask).sum(0)  # (B,) summed over the valid trained steps
     loss = (batch["weights"] * per_sequence).mean()
     abs_td = td.detach().abs().cpu().numpy()
     priorities = sequence_priorities(abs_td, mask.cpu().numpy(), priority_eta)

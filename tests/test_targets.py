@@ -78,8 +78,9 @@ def test_n_step_targets_match_brute_force(n, end_prob):
     L, B, gamma, eps = 20, 6, 0.97, 1e-3
     reward = rng.normal(size=(L, B)) * 3
     end = rng.random((L, B)) < end_prob
-    terminated = end & (rng.random((L, B)) < 0.5)
-    truncated = end & ~terminated
+    kind = rng.random((L, B))
+    terminated = end & (kind < 0.6)
+    truncated = end & (kind > 0.3)  # both at once too: TimeLimit's last step that also failed
     bootstrap_q = rng.normal(size=(L, B)) * 5
     got, mask = n_step_targets(torch.tensor(reward), torch.tensor(terminated), torch.tensor(truncated),
                                torch.tensor(bootstrap_q), gamma, n, eps)
@@ -101,6 +102,20 @@ def test_terminal_stops_bootstrap_and_truncation_bootstraps():
     assert inverse_value_rescale(y_trunc[0], eps).item() == pytest.approx(1.0 + 0.5 * 8.0)
 
 
+def test_terminated_and_truncated_at_once_is_terminal():
+    """Reward 1, then an observation both terminated and truncated (gymnasium's TimeLimit sets
+    both when the last allowed step is also a failure), Q = 5 everywhere: the target is h(1),
+    nothing bootstrapped."""
+    eps = 1e-3
+    reward = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
+    both = torch.tensor([[False], [True], [False], [False]])
+    bootstrap_q = torch.full((4, 1), 5.0)
+    for n in (1, 2, 3):
+        y, mask = n_step_targets(reward, both, both, bootstrap_q, 0.9, n, eps)
+        assert mask[0].item() == 1.0
+        assert y[0].item() == pytest.approx(value_rescale(torch.tensor(1.0), eps).item(), abs=1e-7)
+
+
 def make_batch(rng, W, B, obs_dim, n_actions, state_size):
     return {
         "obs": torch.tensor(rng.normal(size=(W, B, obs_dim)), dtype=torch.float32),
@@ -118,7 +133,8 @@ def make_batch(rng, W, B, obs_dim, n_actions, state_size):
 
 def test_r2d2_loss_matches_a_brute_force_unroll():
     """Loss and priorities from an independent computation: full unrolls of both networks,
-    online state after burn-in, double-Q bootstrap, per-sequence masked mean of ½δ²."""
+    online state after burn-in, double-Q bootstrap, per-sequence sum of ½δ² over the valid
+    trained steps (Acme's and SEED RL's reduction), importance-weighted mean over the batch."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     l, m, n, gamma, eps, eta = 3, 5, 2, 0.9, 1e-3, 0.9
@@ -138,8 +154,9 @@ def test_r2d2_loss_matches_a_brute_force_unroll():
     expected_targets, mask = expected_targets[l : l + m], mask[l : l + m]
     q_taken = q_online.gather(-1, batch["action"].unsqueeze(-1)).squeeze(-1).numpy()[l : l + m]
     td = expected_targets - q_taken
-    per_seq = (0.5 * td**2 * mask).sum(0) / np.maximum(mask.sum(0), 1)
-    assert loss.item() == pytest.approx(float((batch["weights"].numpy() * per_seq).mean()), rel=1e-4)
+    expected_loss = sum(batch["weights"][b].item() * sum(0.5 * td[t, b] ** 2 for t in range(m) if mask[t, b])
+                        for b in range(B)) / B
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-4)
     np.testing.assert_allclose(priorities, sequence_priorities(np.abs(td), mask, eta), rtol=1e-4, atol=1e-6)
 
 
