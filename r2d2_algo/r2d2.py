@@ -191,7 +191,9 @@ class EnvActor:
 
     The envs may be asynchronous (``make_vector_env(num_splits > 1)``): each ``step`` acts in
     the envs whose observations are at hand and the env returns another batch (its
-    ``info["env_id"]``); a step is written to the replay when its reward comes back.
+    ``info["env_id"]``); a step is written to the replay when its reward comes back. ale-py's
+    ``reset`` returns the first split only; the other splits' reset observations come back
+    from the first ``step`` calls, for envs never acted in: no step is written for them.
 
     Args:
         envs: vector env of E envs (NEXT_STEP autoreset), reset here with ``seed``.
@@ -218,6 +220,7 @@ class EnvActor:
         self.obs_terminated = np.zeros(E, dtype=bool)  # the env's current obs is a final observation
         self.obs_truncated = np.zeros(E, dtype=bool)
         # the step each env is taking: written to replay when its reward comes back
+        self.acting = np.zeros(E, dtype=bool)  # its action was sent and its step has not come back
         space = envs.single_observation_space
         self.pending_obs = np.zeros((E, *space.shape), dtype=space.dtype)
         self.pending_action = np.zeros(E, dtype=np.int64)
@@ -249,8 +252,13 @@ class EnvActor:
         self.pending_action[ids] = action
         self.pending_state[ids] = state.cpu().numpy()
         self.state[ids] = next_state
+        self.acting[ids] = True
         next_obs, reward, terminated, truncated, infos = self.envs.step(action)
-        back = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs whose step completed
+        returned = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs of next_obs
+        stepped = self.acting[returned]  # False: an env never acted in, returning its reset observation
+        back = returned[stepped]  # envs whose step completed
+        reward, terminated, truncated = reward[stepped], terminated[stepped], truncated[stepped]
+        self.acting[back] = False
         self.env_steps += len(back)
 
         was_final = self.obs_terminated[back] | self.obs_truncated[back]  # this step was the reset
@@ -265,12 +273,13 @@ class EnvActor:
         self.first[back] = was_final
         self.prev_action[back] = np.where(was_final, -1, self.pending_action[back])
         self.prev_reward[back] = np.where(was_final, 0.0, reward)
-        self.obs, self.env_ids = next_obs, back
+        self.obs, self.env_ids = next_obs, returned
         self.obs_terminated[back], self.obs_truncated[back] = terminated, truncated
         return finished
 
     STATE = ("obs", "env_ids", "prev_action", "prev_reward", "first", "obs_terminated", "obs_truncated",
-             "pending_obs", "pending_action", "pending_state", "episode_return", "episode_length", "env_steps")
+             "acting", "pending_obs", "pending_action", "pending_state", "episode_return", "episode_length",
+             "env_steps")
 
     def state_dict(self) -> dict:
         """Everything of the acting loop but the envs (for a checkpoint)."""

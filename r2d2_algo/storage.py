@@ -492,11 +492,14 @@ class SequenceReplayBuffer:
         prev_reward[0] = self.start_prev_reward[streams, slots]
         prev_action[1:] = np.where(first[1:], -1, action[:-1])
         prev_reward[1:] = np.where(first[1:], 0.0, reward[:-1])
+        terminated = self.terminated[rows, pos].T
+        truncated = self.truncated[rows, pos].T
         obs = self.obs[rows, pos_ext]  # (B, h + W, *stored_obs_shape)
         frame_first = self.first[rows, pos_ext].T if h else None
         initial_state = self.stored_state[streams, slots]
-        # a writer in another process may have overwritten a window while it was copied
-        # (only possible within overwrite_margin steps): such windows are dropped from the loss
+        # a writer in another process may have overwritten a window while it was copied: such
+        # windows are dropped from the loss. Checked after every read of the window, so that
+        # nothing copied after the check can come from a later write.
         intact = sequence_ids * self.period - h >= self.write_count[streams] - self.capacity_per_stream
         if not intact.all():
             weights = np.where(intact, weights, 0.0).astype(np.float32)
@@ -506,8 +509,8 @@ class SequenceReplayBuffer:
             action=action,
             reward=reward,
             first=first,
-            terminated=self.terminated[rows, pos].T,
-            truncated=self.truncated[rows, pos].T,
+            terminated=terminated,
+            truncated=truncated,
             prev_action=prev_action,
             prev_reward=prev_reward,
             initial_state=initial_state,

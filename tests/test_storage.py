@@ -150,6 +150,44 @@ def test_window_overwritten_while_sampled_is_dropped():
     np.testing.assert_array_equal(learner.tree.get(batch.indices), before)  # no update for them
 
 
+class ReadHook(np.ndarray):
+    """An array that runs ``after_read`` (once) right after a read of it has been taken."""
+
+    def __getitem__(self, key):
+        value = np.array(super().__getitem__(key))
+        hook = getattr(self, "after_read", None)
+        if hook is not None:
+            self.after_read = None
+            hook()
+        return value
+
+
+def test_a_window_that_passes_the_overwrite_check_was_read_whole_before_it():
+    """A writer in another process laps the ring right after the learner has checked whether the
+    windows it copied were overwritten: every window that passes the check must hold what was
+    there before (all of it, end flags included), never the lap's steps."""
+    rng = np.random.default_rng(5)
+    learner = make_buffer(num_streams=1, capacity=24)
+    shared = {name: getattr(learner, name) for name in SequenceReplayBuffer.SHARED_ARRAYS}
+    writer = make_buffer(num_streams=1, capacity=24, index=False, allocate=lambda name, shape, dtype: shared[name])
+    ref = Reference(1)
+    fill(writer, ref, 40, rng)
+    learner.sync()
+    learner.write_count = learner.write_count.view(ReadHook)
+
+    def lap():  # one ring's worth of steps, every one of them ending an episode
+        for _ in range(learner.capacity_per_stream):
+            writer.add(np.full((1, 2), -1.0, np.float32), np.zeros(1, int), np.zeros(1, np.float32), np.ones(1, bool),
+                       np.ones(1, bool), np.ones(1, bool), np.zeros((1, 2), np.float32))
+
+    learner.write_count.after_read = lap
+    batch = learner.sample(8, rng)
+    assert learner.write_count.after_read is None  # the lap happened, after the check's read
+    assert (batch.sequence_ids >= 0).all()  # the check saw the count from before the lap
+    for b in range(8):
+        check_window(learner, ref, batch, b, 0)
+
+
 def test_never_samples_a_window_partly_overwritten():
     rng = np.random.default_rng(2)
     rb = make_buffer(num_streams=1, capacity=16)  # 16 = window 11 + room for one more period
