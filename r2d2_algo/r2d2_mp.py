@@ -5,20 +5,23 @@
 Processes and the shared memory between them (all created by the learner, see create_shared_memory):
 
     actor 0 ─┐  envs + CPU copy of the network; writes steps straight into the replay's
-    actor 1 ─┼─► shared arrays (obs, action, reward, flags, stored state, write counts)
-      ...    │   and reads the weights the learner publishes (every --actor-update-interval)
+    actor 1 ─┼─► shared arrays (obs, action, reward, flags, stored state, write counts);
+      ...    │   every --actor-update-interval actor steps asks for newer weights and loads them
     actor N ─┘
+    evaluator    CPU copy of the published weights; plays evaluation episodes when asked
                  learner (main process, GPU when available)
                    prefetch thread: syncs the replay index with the actors' write counts,
                                     samples prioritized windows, applies priority updates
                    main thread:     burn-in, n-step double-Q loss, Adam, target copies,
-                                    publishes weights with a version number, logs
+                                    publishes weights (with a version) when an actor asks,
+                                    restarts dead actors, logs
 
 The loss and its maths are r2d2.py's (``r2d2_loss``); replay and network are storage.py's and
 model.py's. Defaults are the paper's Atari values (R2D2_SPEC.md, Table 2) except the replay
 capacity, scaled to a workstation. A run that stops for any reason (end, Ctrl-C, SIGTERM, an
-exception in the learner, an actor that dies) stops its actors within seconds and unlinks
-its shared memory; a dead actor is reported by name with its traceback and the run stops.
+exception in the learner, an actor that died once more than --max-actor-restarts allows) stops
+its processes within seconds and unlinks its shared memory; a dead actor is reported by name
+with its traceback.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the heavy imports below load: nothing to clean, leave quietly
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
+import dataclasses
 import os
 import queue
 import random
@@ -98,16 +102,21 @@ class Args:
     """total environment steps (summed over all actors' envs)"""
     num_actors: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes (default: the cores left after the learner)"""
-    num_envs_per_actor: int = 64
-    """environments per actor, acted on with batched forward passes (one per env split; 64 = 2 × 32:
-    the forward pass is bound by reading the weights, so larger batches cost little more per call)"""
+    num_envs_per_actor: int = 0
+    """environments per actor, acted on with batched forward passes (one per env split). 0: 64 (= 2 × 32:
+    the forward pass is bound by reading the weights, so larger batches cost little more per call), or
+    fewer when there are so many actors that each env's replay stream would keep under 8 windows"""
     env_splits: int = 2
     """Atari: each actor's envs step in this many batches, one stepping in ale-py's C++ threads while
     the network acts on another (double buffering); other envs always use 1"""
     env_threads: int = 0
     """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
     actor_update_interval: int = 400
-    """environment steps (per env) between an actor's weight refreshes (paper: 400)"""
+    """actor steps (batched forward passes, one per env split) between an actor's weight refreshes
+    (paper: 400 steps of an actor's single env)"""
+    max_actor_restarts: int = 3
+    """actors that die are restarted this many times per run (their env streams are cut there);
+    one more death stops the run"""
     epsilon_base: float = 0.4
     """ε ladder base over all envs: ε_i = base^(1 + alpha·i/(N−1)) (Ape-X, Sec. 4.1)"""
     epsilon_alpha: float = 7.0
@@ -158,8 +167,9 @@ class Args:
     """gradient norm clip (Ape-X: 40)"""
     learning_starts: int = 10_000
     """environment steps before learning starts"""
-    replay_ratio: float = 1.0
-    """most trained observations sampled per observation added (B·m per update ÷ env steps); the learner waits above it"""
+    replay_ratio: float = 0.4
+    """most trained observations sampled per observation added (B·m per update ÷ env steps); the learner
+    waits above it (paper: ≈ 0.4, its 5 updates/s × 64 × 80 against 256 actors × 260 steps/s)"""
     min_replay_ratio: float = 0.0
     """fewest trained observations per observation added: the actors wait while the learner is below it
     (0: the actors never wait, as in the paper; set it when a slow learner, e.g. on CPU, falls behind)"""
@@ -183,17 +193,38 @@ class StopRun(Exception):
 
 
 # PROCESS PLUMBING: the shared-memory layout, declared in one place
+MAX_ENVS_PER_ACTOR = 64  # the default: the peak of an actor's SPS on Pong (README, bench_mp.py)
+MIN_WINDOWS_PER_STREAM = 8  # fewer envs per actor than MAX when each env stream would hold fewer windows
+
+
+def resolve_envs_per_actor(args: Args, frame_stack: int) -> int:
+    """``--num-envs-per-actor``, or for 0 the default: MAX_ENVS_PER_ACTOR, or fewer (a multiple of
+    the env splits, at least one split each) so that every env's replay stream holds at least
+    MIN_WINDOWS_PER_STREAM windows. Every stream leaves under one window of its newest and oldest
+    steps unsampleable, so 8 windows keep ≥ 90 % of the replay sampleable (tests/test_r2d2_mp.py);
+    with 127 actors and a 1 M replay that means 6 envs per actor instead of 64."""
+    if args.num_envs_per_actor > 0:
+        return args.num_envs_per_actor
+    splits = args.env_splits if frame_stack > 1 else 1
+    window_length = args.burn_in_length + args.sequence_length + args.n_step
+    fit = args.buffer_size // (args.num_actors * MIN_WINDOWS_PER_STREAM * window_length)
+    return max(splits, min(MAX_ENVS_PER_ACTOR, fit) // splits * splits)
+
+
 def replay_arguments(args: Args, observation_space, state_size: int, frame_stack: int) -> dict:
     """Constructor arguments of the shared replay, the same in the learner and every actor."""
+    period = args.sequence_length - args.overlap
     return dict(
         num_streams=args.num_actors * args.num_envs_per_actor, capacity=args.buffer_size,
         obs_shape=observation_space.shape, obs_dtype=observation_space.dtype, state_size=state_size,
         burn_in_length=args.burn_in_length, sequence_length=args.sequence_length, n_step=args.n_step,
         overlap=args.overlap, priority_exponent=args.priority_exponent,
         importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack,
-        # a window leaves the sampling index this many steps before it can be overwritten, so
-        # the prefetch thread does not copy a window an actor is writing (storage.py re-checks)
-        overwrite_margin=2 * args.sequence_length,
+        # a window leaves the sampling index this many steps before it can be overwritten, so the
+        # prefetch thread seldom copies a window an actor is overwriting: half a period is ~0.5 s
+        # of one Atari stream's writing (a copy takes ~0.1 s), and costs at most one period of
+        # each stream. A window overwritten all the same is dropped from the loss (storage.py).
+        overwrite_margin=period // 2,
     )
 
 
@@ -202,7 +233,8 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
 
     replay:   obs, action, reward, first, terminated, truncated (per env stream and step),
               stored_state, start_prev_action, start_prev_reward (per sequence), write_count
-    weights:  the learner's parameters as one float32 vector, and weights_version (its update count)
+    weights:  the learner's parameters as one float32 vector, and weights_version (its update count);
+              weights_wanted: an actor asks for newer weights (the learner publishes only then)
     counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
     checkpoints: pause (the learner asks the actors to wait), actor_paused (each actor waits)
     rate limit: learner_behind (the learner is below --min-replay-ratio: the actors wait)
@@ -212,6 +244,7 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     arrays.allocate("weights_version", (1,), np.int64)
     arrays.allocate("actor_steps", (num_actors,), np.int64)
     arrays.allocate("actor_weights_version", (num_actors,), np.int64)
+    arrays.allocate("weights_wanted", (num_actors,), np.int64)
     arrays.allocate("pause", (1,), np.int64)  # set by the learner while it writes a checkpoint
     arrays.allocate("actor_paused", (num_actors,), np.int64)  # each actor's acknowledgement
     arrays.allocate("learner_behind", (1,), np.int64)
@@ -245,10 +278,11 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
                   seed_offset: int = 0) -> None:
     """Step ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the network and
     write every step to the shared replay. Env j of this actor is stream / ε rung
-    actor_id · num_envs_per_actor + j. While the learner's ``pause`` flag is set (a checkpoint
-    is being written), or once all actors together have taken ``total_timesteps`` steps, the
-    actor waits between steps. ``seed_offset`` (the resumed step count)
-    gives a resumed run new episodes."""
+    actor_id · num_envs_per_actor + j. Every ``actor_update_interval`` actor steps it asks for
+    newer weights and loads them as soon as the learner has published them. While the learner's
+    ``pause`` flag is set (a checkpoint is being written), or once all actors together have
+    taken ``total_timesteps`` steps, the actor waits between steps. ``seed_offset`` (the resumed
+    step count, or the step of a restart) gives new episodes."""
     for signum in STOP_SIGNALS:  # the learner handles Ctrl-C / SIGTERM (blocked until here, see main)
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -272,12 +306,11 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         envs = make_vector_env(args.env_id, E, seed, num_splits=splits, num_threads=threads,
                                thread_niceness=10 if splits > 1 else 0)
 
-        def refresh_weights() -> None:
-            arrays["actor_weights_version"][actor_id] = load_published_weights(net, weights, version, weights_lock)
-
-        refresh_weights()
+        acting_version = arrays["actor_weights_version"][actor_id : actor_id + 1]
+        wanted = arrays["weights_wanted"][actor_id : actor_id + 1]
+        acting_version[0] = load_published_weights(net, weights, version, weights_lock)
         actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
-        refreshed_at = 0  # env steps per env at the last refresh
+        steps_since_refresh = 0  # actor steps (batched forward passes)
         steps_before = int(arrays["actor_steps"][actor_id])  # a resumed run continues the count
         pause, paused, learner_behind = arrays["pause"], arrays["actor_paused"], arrays["learner_behind"]
         all_steps = arrays["actor_steps"][: args.num_actors]
@@ -297,10 +330,12 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
             for _, episodic_return, episodic_length in actor.step():
                 episode_queue.put((actor_id, episodic_return, episodic_length))
             arrays["actor_steps"][actor_id] = steps_before + actor.env_steps
-            if actor.env_steps // E - refreshed_at >= args.actor_update_interval:
-                refreshed_at = actor.env_steps // E
-                if version[0] != arrays["actor_weights_version"][actor_id]:
-                    refresh_weights()
+            steps_since_refresh += 1
+            if steps_since_refresh >= args.actor_update_interval:
+                wanted[0] = 1  # the learner publishes its next update for us
+                if version[0] > acting_version[0]:
+                    acting_version[0] = load_published_weights(net, weights, version, weights_lock)
+                    wanted[0], steps_since_refresh = 0, 0
     except Exception:
         error_queue.put((f"actor-{actor_id}", traceback.format_exc()))
         raise SystemExit(1)
@@ -310,15 +345,51 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         arrays.close()
 
 
+# EVALUATOR PROCESS
+def evaluator_process(args: Args, layout: dict, weights_lock, requests, results, error_queue, observation_space,
+                      n_actions: int, parent_pid: int) -> None:
+    """For each request (the env step to log it at), play ``eval_episodes`` episodes with
+    ε = ``eval_epsilon`` on a CPU copy of the latest published weights and put
+    (step, weights version, returns (episodes,) float64) on ``results``. It runs beside the
+    learner at a lower CPU priority (nice 10), so learning never waits for an evaluation; a
+    ``None`` request, or a learner that is gone, ends it."""
+    for signum in STOP_SIGNALS:  # the learner handles Ctrl-C / SIGTERM (blocked until here, see main)
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    torch.set_num_threads(1)
+    try:
+        os.nice(10)
+    except OSError:  # not allowed here: it keeps the normal priority
+        pass
+    arrays = SharedArrays.attach(layout)
+    try:
+        net = make_network(args, observation_space, n_actions)
+        while os.getppid() == parent_pid:
+            try:
+                global_step = requests.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if global_step is None:
+                return
+            weights_version = load_published_weights(net, arrays["weights"], arrays["weights_version"], weights_lock)
+            returns, _ = evaluate(net, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, "cpu",
+                                  args.eval_epsilon)
+            results.put((global_step, weights_version, returns))
+    except Exception:
+        error_queue.put(("evaluator", traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        arrays.close()
+
+
 # LEARNER: prefetch thread
 class Prefetcher(threading.Thread):
     """Owns the replay's sampling index: syncs it with the actors' write counts, samples the
     next batches ahead of the learner (queue of ``depth``), applies priority updates."""
 
-    def __init__(self, replay: SequenceReplayBuffer, batch_size: int, seed: int, depth: int = 2):
+    def __init__(self, replay: SequenceReplayBuffer, batch_size: int, rng: np.random.Generator, depth: int = 2):
         super().__init__(name="prefetch", daemon=True)
-        self.replay, self.batch_size = replay, batch_size
-        self.rng = np.random.default_rng(seed)
+        self.replay, self.batch_size, self.rng = replay, batch_size, rng
         self.batches: queue.Queue = queue.Queue(maxsize=depth)
         self.priority_updates: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -355,13 +426,14 @@ class Prefetcher(threading.Thread):
 
 def check_args(args: Args) -> None:
     """r2d2.py's checks with this script's integer fields; one-line ValueError."""
-    r2d2_check_args(args, positive=("total_timesteps", "num_actors", "num_envs_per_actor", "env_splits",
+    r2d2_check_args(args, positive=("total_timesteps", "num_actors", "env_splits",
                                     "actor_update_interval", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
                                     "sequence_length", "batch_size", "n_step", "target_network_update_period"))
     if args.log_interval <= 0:
         raise ValueError(f"--log-interval must be > 0, got {args.log_interval}")
-    if args.env_threads < 0:
-        raise ValueError(f"--env-threads must be >= 0, got {args.env_threads}")
+    for name in ("num_envs_per_actor", "env_threads", "max_actor_restarts"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.min_replay_ratio <= args.replay_ratio:
         raise ValueError(f"--min-replay-ratio must be in [0, --replay-ratio={args.replay_ratio}], "
                          f"got {args.min_replay_ratio}")
@@ -369,7 +441,8 @@ def check_args(args: Args) -> None:
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads")
+                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
+                  "max_actor_restarts")
 
 
 def main(args: Args, argv: list[str] | None = None) -> int:
@@ -378,6 +451,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)
+        envs_per_actor_given = args.num_envs_per_actor > 0
+        args = dataclasses.replace(args, num_envs_per_actor=resolve_envs_per_actor(args, frame_stack))
         if frame_stack > 1 and args.num_envs_per_actor % args.env_splits:
             raise ValueError(f"--env-splits ({args.env_splits}) must divide --num-envs-per-actor "
                              f"({args.num_envs_per_actor})")
@@ -421,8 +496,12 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     arrays = SharedArrays()
     stop_event = ctx.Event()
     weights_lock = ctx.Lock()
-    episode_queue, error_queue = ctx.Queue(), ctx.Queue()
+    # one episode queue per actor: an actor killed while it writes to its queue can leave the
+    # queue's write lock held, which would silence every other actor sharing it
+    episode_queues, error_queue = [ctx.Queue() for _ in range(args.num_actors)], ctx.Queue()
+    eval_requests, eval_results = ctx.Queue(), ctx.Queue()
     actors: list = []
+    evaluator = None
     prefetcher = None
     writer = None
 
@@ -435,22 +514,11 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         stop_request.append("interrupted (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM")
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    actors_checked_at = [0.0]
 
     def check_stop() -> None:
-        """Raise StopRun on a stop request or a dead actor (reported with its traceback)."""
+        """Raise StopRun on a stop request (Ctrl-C, SIGTERM)."""
         if stop_request:
             raise StopRun(stop_request[0])
-        if time.monotonic() - actors_checked_at[0] < 0.2:
-            return
-        actors_checked_at[0] = time.monotonic()
-        for p in actors:
-            if p.exitcode is not None:
-                try:
-                    name, trace = error_queue.get(timeout=2.0)
-                except queue.Empty:
-                    name, trace = p.name, f"exit code {p.exitcode} (no traceback: killed by a signal?)"
-                raise StopRun(f"{name} died:\n{trace}")
 
     # A CPU update on Atari takes tens of seconds (a few big ops), so the stop check also runs
     # at every module call and every parameter gradient: a stop waits for one op, not one update.
@@ -460,13 +528,92 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             module.register_forward_pre_hook(lambda *_: check_stop())
     for parameter in q_network.parameters():
         parameter.register_hook(lambda grad: check_stop())
+
+    def start_process(target, name: str, *process_args):
+        # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
+        # learner must act on it (it pauses the actors for a last checkpoint, then stops them).
+        # Children start with SIGINT and SIGTERM blocked (the mask is inherited through exec,
+        # before Python even loads) and ignore them from their first line. Blocked, not ignored,
+        # here too: a stop that arrives during the spawn (about a second) waits for the learner
+        # instead of being lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process = ctx.Process(target=target, name=name, daemon=True, args=process_args)
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return process
+
+    def start_actor(actor_id: int, seed_offset: int):
+        return start_process(actor_process, f"actor-{actor_id}", actor_id, args, arrays.layout, replay_kwargs,
+                             weights_lock, stop_event, episode_queues[actor_id], error_queue, observation_space,
+                             n_actions, os.getpid(), seed_offset)
+
+    reported_errors: list[tuple[str, str]] = []  # (process name, traceback) from error_queue
+
+    def traceback_of(process) -> str:
+        """The traceback a dead process reported, or its exit code if it reported none (a signal)."""
+        deadline = time.time() + 2.0
+        while True:
+            for i, (name, trace) in enumerate(reported_errors):
+                if name == process.name:
+                    return reported_errors.pop(i)[1]
+            try:
+                reported_errors.append(error_queue.get(timeout=max(0.0, deadline - time.time())))
+            except queue.Empty:
+                return f"exit code {process.exitcode} (no traceback: killed by a signal?)"
+
+    supervision = {"checked_at": 0.0, "restarts": 0}
+
+    def supervise(global_step: int) -> None:
+        """Restart an actor that died (its env streams are cut where it stopped), up to
+        --max-actor-restarts per run; one death more, or a dead evaluator, stops the run."""
+        if time.monotonic() - supervision["checked_at"] < 0.2:
+            return
+        supervision["checked_at"] = time.monotonic()
+        for actor_id, p in enumerate(actors):
+            if p.exitcode is None:
+                continue
+            trace = traceback_of(p)
+            if supervision["restarts"] >= args.max_actor_restarts:
+                raise StopRun(f"{p.name} died ({supervision['restarts']} of --max-actor-restarts "
+                              f"{args.max_actor_restarts} restarts used):\n{trace}")
+            supervision["restarts"] += 1
+            print(f"r2d2_mp.py: {p.name} died at step {global_step:,}; restart {supervision['restarts']} of "
+                  f"{args.max_actor_restarts}:\n{trace}", file=sys.stderr, flush=True)
+            # a copy of the weights takes milliseconds: a lock still held after 2 s was the dead
+            # actor's (any process may release a multiprocessing lock)
+            if weights_lock.acquire(timeout=2.0):
+                weights_lock.release()
+            else:
+                weights_lock.release()
+                print(f"r2d2_mp.py: {p.name} died holding the weights lock; released", file=sys.stderr, flush=True)
+            streams = actor_id * args.num_envs_per_actor + np.arange(args.num_envs_per_actor)
+            with prefetcher.lock:  # no n-step return or window state runs across the cut
+                replay.truncate_streams(streams)
+            episode_queues[actor_id].cancel_join_thread()  # the dead actor may have left it locked
+            episode_queues[actor_id] = ctx.Queue()
+            arrays["actor_paused"][actor_id] = 0
+            arrays["weights_wanted"][actor_id] = 0
+            actors[actor_id] = start_actor(actor_id, global_step + supervision["restarts"])
+            writer.add_text("actor_restarts", f"step {global_step}: {p.name} died\n\n    "
+                            + trace.replace("\n", "\n    "), global_step)
+        if evaluator is not None and evaluator.exitcode is not None:
+            raise StopRun(f"the evaluator died:\n{traceback_of(evaluator)}")
+
     exit_code = 0
     try:
         replay = create_shared_memory(arrays, replay_kwargs, num_params, args.num_actors)
         weights, version = arrays["weights"], arrays["weights_version"]
+        weights_wanted = arrays["weights_wanted"][: args.num_actors]
+        published = {"version": -1}
 
-        def publish_weights(updates: int) -> None:
-            publish(q_network, weights, version, weights_lock, updates)
+        def publish_weights(updates: int, force: bool = False) -> None:
+            """Publish newer weights when an actor has asked for them (or ``force``): no more often
+            than the actors can use them, and no GPU synchronisation after every update."""
+            if updates != published["version"] and (force or weights_wanted.any()):
+                publish(q_network, weights, version, weights_lock, updates)
+                published["version"] = updates
 
         learner_rng = np.random.default_rng(args.seed)  # the prefetch thread's sampling
         if checkpoint is not None:
@@ -488,27 +635,17 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)",
                   flush=True)
             del checkpoint
-        publish_weights(progress["updates"])
+        publish_weights(progress["updates"], force=True)
+        envs_note = "" if envs_per_actor_given else " (default)"
         print(f"run {run_name}: {parameter_count(q_network):,} parameters, learner on {device}, "
-              f"{args.num_actors} actors × {args.num_envs_per_actor} envs, replay {args.buffer_size:,} observations "
-              f"= {replay_bytes / 2**30:.2f} GiB in shared memory", flush=True)
-        # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
-        # learner must act on it (it pauses the actors for a last checkpoint, then stops them). The
-        # actors start with SIGINT and SIGTERM blocked (the mask is inherited through exec, before
-        # Python even loads) and ignore them from their first line. Blocked, not ignored, here too:
-        # a stop that arrives while the actors start (about a second) waits for the learner
-        # instead of being lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            for actor_id in range(args.num_actors):
-                p = ctx.Process(target=actor_process, name=f"actor-{actor_id}", daemon=True,
-                                args=(actor_id, args, arrays.layout, replay_kwargs, weights_lock, stop_event,
-                                      episode_queue, error_queue, observation_space, n_actions, os.getpid(),
-                                      progress["global_step"]))
-                p.start()
-                actors.append(p)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+              f"{args.num_actors} actors × {args.num_envs_per_actor} envs{envs_note}, replay {args.buffer_size:,} "
+              f"observations = {replay_bytes / 2**30:.2f} GiB in shared memory, {replay.capacity_per_stream:,} per "
+              f"env stream", flush=True)
+        for actor_id in range(args.num_actors):
+            actors.append(start_actor(actor_id, progress["global_step"]))
+        if args.eval_episodes > 0:
+            evaluator = start_process(evaluator_process, "evaluator", args, arrays.layout, weights_lock, eval_requests,
+                                      eval_results, error_queue, observation_space, n_actions, os.getpid())
 
         # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
         writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"]
@@ -516,27 +653,54 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         if progress["global_step"] == 0:
             writer.add_text("hyperparameters",
                             "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        prefetcher = Prefetcher(replay, args.batch_size, args.seed)
-        prefetcher.rng = learner_rng
+        prefetcher = Prefetcher(replay, args.batch_size, learner_rng)
         prefetcher.start()
 
         actor_steps = arrays["actor_steps"][: args.num_actors]
         start_time = time.time() - progress["elapsed"]
         last_log_time = time.time()
         last = {"steps": actor_steps.copy(), "updates": progress["updates"], "added": 0}
-        updates, sample_wait, recent_returns = progress["updates"], 0.0, deque(maxlen=20)
+        updates, sample_wait, dropped_windows, recent_returns = progress["updates"], 0.0, 0, deque(maxlen=20)
         trained_per_update = args.batch_size * args.sequence_length
         global_step = progress["global_step"]
         stats = {}
+        evaluation = {}  # the evaluation in progress: global_step, updates and wall-clock when asked
 
-        def write_checkpoint() -> None:
+        def request_evaluation(global_step: int, updates: int) -> None:
+            """The evaluator plays episodes with the weights of this update, beside the learner."""
+            publish_weights(updates, force=True)
+            eval_requests.put(global_step)
+            evaluation.update(global_step=global_step, updates=updates, wall_clock=time.time() - start_time)
+            progress["evaluated_at"] = updates
+
+        def collect_evaluation(updates: int, timeout: float = 0.0) -> None:
+            try:
+                global_step, weights_version, returns = eval_results.get(timeout=timeout) if timeout \
+                    else eval_results.get_nowait()
+            except queue.Empty:
+                return
+            write_evaluation(writer, returns, global_step, evaluation["wall_clock"])
+            print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} (weights of update "
+                  f"{weights_version:,}, {evaluation['wall_clock']:.0f}s; the learner did "
+                  f"{updates - evaluation['updates']:,} updates while it ran)", flush=True)
+            evaluation.clear()
+
+        def wait_for_evaluation(updates: int) -> None:
+            while evaluation:
+                check_stop()
+                supervise(global_step)
+                collect_evaluation(updates, timeout=0.1)
+
+        def write_checkpoint(final: bool = False) -> None:
             """Pause the actors between steps and the prefetch thread, then save the run."""
             arrays["pause"][0] = 1
             try:
                 deadline = time.time() + 120
                 while not arrays["actor_paused"][: args.num_actors].all():
-                    if any(p.exitcode is not None for p in actors) or time.time() > deadline:
+                    if final and any(p.exitcode is not None for p in actors) or time.time() > deadline:
                         raise StopRun("an actor died or did not pause for the checkpoint")
+                    if not final:
+                        supervise(int(actor_steps.sum()))  # a restarted actor pauses too
                     time.sleep(0.005)
                 with prefetcher.lock:
                     prefetcher.apply_priority_updates()
@@ -554,17 +718,19 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
 
         while global_step < args.total_timesteps:
-            check_stop()  # a stop request or a dead actor stops the run
+            check_stop()
+            supervise(global_step)
             if prefetcher.error is not None:
                 raise prefetcher.error
-            while True:
-                try:
-                    actor_id, episodic_return, episodic_length = episode_queue.get_nowait()
-                except queue.Empty:
-                    break
-                recent_returns.append(episodic_return)
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            for episode_queue in episode_queues:
+                while True:
+                    try:
+                        actor_id, episodic_return, episodic_length = episode_queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    recent_returns.append(episodic_return)
+                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
 
             global_step = int(actor_steps.sum())
             # ALGO LOGIC: train while the replay ratio allows, else let the actors catch up
@@ -583,9 +749,11 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                         break
                     except queue.Empty:  # keep answering a stop request while waiting
                         check_stop()
+                        supervise(global_step)
                         if prefetcher.error is not None:
                             raise prefetcher.error from None
                 sample_wait += time.time() - t0
+                dropped_windows += int((batch.sequence_ids < 0).sum())
                 loss, priorities, stats = r2d2_loss(
                     q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
                     args.sequence_length, args.gamma, args.n_step, args.value_rescaling_epsilon, args.priority_eta,
@@ -598,9 +766,10 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 updates += 1
                 if updates % args.target_network_update_period == 0:
                     target_network.load_state_dict(q_network.state_dict())
-                publish_weights(updates)
             else:
                 time.sleep(0.005)
+            publish_weights(updates)
+            collect_evaluation(updates)
 
             now = time.time()
             if now - last_log_time >= args.log_interval:
@@ -614,6 +783,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                                       global_step)
                 writer.add_scalar("charts/updates_per_second", (updates - last["updates"]) / dt, global_step)
                 writer.add_scalar("charts/learner_updates", updates, global_step)
+                writer.add_scalar("charts/actor_restarts", supervision["restarts"], global_step)
                 writer.add_scalar("replay/size", replay.size, global_step)
                 writer.add_scalar("replay/sequences_added_per_second", (added - last["added"]) / dt, global_step)
                 writer.add_scalar("replay/sequences_sampled_per_second",
@@ -621,6 +791,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 writer.add_scalar("replay/replay_ratio", updates * trained_per_update / max(global_step, 1),
                                   global_step)
                 writer.add_scalar("replay/max_priority", replay.max_priority, global_step)
+                writer.add_scalar("replay/dropped_windows", dropped_windows, global_step)
                 lag = updates - arrays["actor_weights_version"][: args.num_actors]
                 writer.add_scalar("charts/parameter_lag", float(lag.mean()), global_step)
                 writer.add_scalar("charts/sample_wait_seconds", sample_wait, global_step)
@@ -633,12 +804,11 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                       f"({(updates - last['updates']) / dt:.1f}/s), return {mean_return:.1f}, "
                       f"replay {replay.size:,}, lag {lag.mean():.0f}, sample wait {sample_wait:.1f}s", flush=True)
                 last.update(steps=steps, updates=updates, added=added)
-                last_log_time, sample_wait = now, 0.0
+                last_log_time, sample_wait, dropped_windows = now, 0.0, 0
 
             next_eval = progress["next_eval"]
-            if next_eval is not None and global_step >= next_eval and args.eval_episodes > 0:
-                log_evaluation(writer, q_network, args, device, global_step, start_time)
-                progress["evaluated_at"] = updates
+            if evaluator is not None and next_eval is not None and global_step >= next_eval and not evaluation:
+                request_evaluation(global_step, updates)  # one at a time: a due one waits for the last
                 while progress["next_eval"] <= global_step:
                     progress["next_eval"] += args.eval_interval
 
@@ -647,19 +817,21 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                     progress["next_checkpoint"] += args.checkpoint_interval
                 write_checkpoint()
 
+        wait_for_evaluation(updates)
         writer.add_scalar("charts/learner_updates", updates, global_step)  # the final count, always
         if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
             save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
                                     start_time, device)
-        elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
-            log_evaluation(writer, q_network, args, device, global_step, start_time)
+        elif evaluator is not None and progress["evaluated_at"] != updates:  # final weights not evaluated yet
+            request_evaluation(global_step, updates)
+            wait_for_evaluation(updates)
     except StopRun as e:
         print(f"r2d2_mp.py: stopping: {e}", file=sys.stderr, flush=True)
         interrupted = str(e).startswith("interrupted") or str(e) == "SIGTERM"
         exit_code = (130 if str(e).startswith("interrupted") else 143) if interrupted else 1
         if interrupted and args.checkpoint_interval > 0 and writer is not None:
             try:
-                write_checkpoint()
+                write_checkpoint(final=True)
                 print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
             except (StopRun, OSError, RuntimeError) as checkpoint_error:
                 print(f"r2d2_mp.py: no final checkpoint: {checkpoint_error}", file=sys.stderr, flush=True)
@@ -668,14 +840,15 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         if prefetcher is not None:
             prefetcher.stop.set()
             prefetcher.join(timeout=5)
+        children = actors + ([evaluator] if evaluator is not None else [])
         deadline = time.time() + 5
-        for p in actors:
+        for p in children:
             p.join(timeout=max(0.0, deadline - time.time()))
-        for p in actors:
+        for p in children:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=2)
-        for q in (episode_queue, error_queue):
+        for q in (*episode_queues, error_queue, eval_requests, eval_results):
             q.cancel_join_thread()
             q.close()
         if writer is not None:
@@ -685,16 +858,6 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     return exit_code
-
-
-@torch.no_grad()
-def log_evaluation(writer, q_network, args: Args, device, global_step: int, start_time: float) -> None:
-    """Evaluation episodes with the learner's current weights, logged as eval/episodic_return."""
-    returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
-                          args.eval_epsilon)
-    write_evaluation(writer, returns, global_step, time.time() - start_time)
-    print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
-          f"({time.time() - start_time:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -344,13 +344,13 @@ class SequenceReplayBuffer:
             self.max_priority = float(state["max_priority"])
             self.num_sequences_added = int(state["num_sequences_added"])
 
-    def truncate_streams(self) -> None:
-        """Mark the last step written to each stream as truncated (a time-limit end): used when
-        a resumed run restarts its environments, so that no n-step return or sequence runs
-        from the old episode into the new one. That step gets no target of its own and is the
-        bootstrap point of the steps before it."""
-        written = self.write_count > 0
-        streams = np.flatnonzero(written)
+    def truncate_streams(self, streams: np.ndarray | None = None) -> None:
+        """Mark the last step written to each stream (default: all) as truncated (a time-limit
+        end): used when a resumed run or a restarted actor starts new episodes in those streams,
+        so that no n-step return or sequence runs from the old episode into the new one. That
+        step gets no target of its own and is the bootstrap point of the steps before it."""
+        streams = np.arange(self.num_streams) if streams is None else np.asarray(streams, dtype=np.int64)
+        streams = streams[self.write_count[streams] > 0]
         self.truncated[streams, (self.write_count[streams] - 1) % self.capacity_per_stream] = True
 
     # ------------------------------------------------------------------ writing
@@ -421,6 +421,16 @@ class SequenceReplayBuffer:
         k_hi = (written - self.window_length) // P
         k_lo = -((-(written - C + self.history_length + self.overwrite_margin)) // P)  # ceil division
         return np.maximum(k_lo, 0), k_hi
+
+    def sampleable_fraction(self) -> float:
+        """Fraction of the observations held now that lie in at least one sampleable window.
+
+        The rest, per stream: the newest steps, whose window is not complete yet (fewer than
+        period steps), and the oldest ones, within frame history + ``overwrite_margin`` steps of
+        being overwritten (rounded up to whole periods). Needs only ``write_count``."""
+        k_lo, k_hi = self.sampleable_range(self.write_count)
+        covered = np.where(k_hi >= k_lo, (k_hi - k_lo) * self.period + self.window_length, 0)
+        return float(covered.sum() / max(self.size, 1))
 
     def sync(self, streams: np.ndarray | None = None) -> None:
         """Bring the sampling index up to the streams' write counts: sequences that became

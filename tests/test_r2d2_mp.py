@@ -3,6 +3,7 @@
 import glob
 import multiprocessing as std_mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from r2d2_algo.checkpoint import from_storable, load_checkpoint
 from r2d2_algo.shared import SharedArrays
 from r2d2_algo.storage import SequenceReplayBuffer
 
@@ -159,6 +161,37 @@ def test_shared_replay_written_by_several_processes_equals_a_single_process_refe
         arrays.unlink()
 
 
+# ---------------------------------------------------------------- the replay's layout at the defaults
+def default_pong_layout(num_actors):
+    """r2d2_mp.py's defaults on Pong with this many actors: (envs per actor, replay arguments),
+    computed as main does, without starting anything."""
+    import gymnasium as gym
+
+    from r2d2_algo.r2d2_mp import Args, replay_arguments, resolve_envs_per_actor
+
+    args = Args(num_actors=num_actors)
+    args.num_envs_per_actor = resolve_envs_per_actor(args, frame_stack=4)
+    space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    return args.num_envs_per_actor, replay_arguments(args, space, state_size=2 * args.hidden_size, frame_stack=4)
+
+
+@pytest.mark.parametrize("num_actors, envs_per_actor", [(15, 64), (127, 6)])
+def test_default_replay_keeps_90_percent_of_its_observations_sampleable(num_actors, envs_per_actor):
+    """A 16-core machine (15 actors × 64 envs = 960 streams) and a 128-core one (127 actors: the
+    envs per actor adapt) with the default 1 M replay: the layout is accepted, and at every phase
+    of the streams' writing ≥ 90 % of the stored observations lie in a sampleable window."""
+    envs, kwargs = default_pong_layout(num_actors)
+    assert envs == envs_per_actor
+    SequenceReplayBuffer.shared_nbytes(**kwargs)  # raises ValueError for a layout main would refuse
+    only_counts = lambda name, shape, dtype: np.zeros(shape if name == "write_count" else (0,) * len(shape), dtype)
+    replay = SequenceReplayBuffer(**kwargs, index=False, allocate=only_counts)
+    fractions = []
+    for phase in range(replay.period):
+        replay.write_count[:] = 50 * replay.capacity_per_stream + phase  # long after the rings filled
+        fractions.append(replay.sampleable_fraction())
+    assert min(fractions) >= 0.9, fractions
+
+
 # ---------------------------------------------------------------- whole runs
 # ---------------------------------------------------------------- weight publication and refresh
 def small_network():
@@ -264,22 +297,86 @@ def test_stopped_run_exits_cleanly(tmp_path, stop_signal, when):
     assert "Traceback" not in err, err
 
 
-def test_dead_actor_is_named_with_its_traceback_and_the_run_stops(tmp_path):
+def test_dead_actor_is_restarted_with_its_traceback_then_stops_the_run(tmp_path):
+    """An actor whose env always fails: each death is logged with its traceback and restarted,
+    --max-actor-restarts times; the next death stops the run."""
     proc = start(tmp_path, "--env-id", "crashing_env:CrashingCartPole-v0", "--num-actors", "2",
-                 "--total-timesteps", "10000000", *SMALL, extra_env={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
-    out, err = wait_clean(proc, timeout=60)
+                 "--total-timesteps", "10000000", "--max-actor-restarts", "2", *SMALL,
+                 extra_env={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
+    out, err = wait_clean(proc, timeout=120)
     assert proc.returncode == 1
-    assert "actor-" in err and "died" in err and "deliberate failure for the test" in err
+    assert "restart 1 of 2" in err and "restart 2 of 2" in err and "restart 3" not in err
+    assert "(2 of --max-actor-restarts 2 restarts used)" in err
+    assert err.count("RuntimeError: CrashingCartPole: deliberate failure for the test") == 3  # 3 deaths
 
 
-def test_killed_actor_stops_the_run(tmp_path):
-    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000", *SMALL)
+def actor_pids(proc):
+    return [pid for pid in descendants(proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()
+            and pid not in evaluator_pids(proc)]
+
+
+def evaluator_pids(proc):
+    return [pid for pid in descendants(proc.pid) if os.getpriority(os.PRIO_PROCESS, pid) == 10]
+
+
+def test_killed_actor_is_restarted_and_its_streams_are_cut(tmp_path):
+    """SIGKILL an actor mid-run: the run goes on and ends with exit 0; in the replay every
+    episode start follows an episode end (the killed actor's streams were marked truncated where
+    they stopped), so no window carries a recurrent state or an n-step return across the cut."""
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "16000",
+                 "--checkpoint-interval", "15000", "--eval-episodes", "0", *SMALL)
+    lines = []
+    while not re.match(r"step ([3-9],|1\d,)\d{3}: SPS", lines[-1] if lines else ""):  # mid-run: 3,000+ steps
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines) + proc.stderr.read()
+    victims = actor_pids(proc)
+    assert len(victims) == 2
+    os.kill(victims[0], signal.SIGKILL)
+    out, err = wait_clean(proc, timeout=120)
+    assert proc.returncode == 0, err
+    assert "died at step" in err and "restart 1 of 3" in err
+    (path,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))
+    replay = from_storable(load_checkpoint(path)["replay"])
+    capacity = replay["first"].shape[1]
+    cuts = 0
+    for stream in range(replay["first"].shape[0]):
+        written = int(replay["write_count"][stream])
+        order = [t % capacity for t in range(max(0, written - capacity), written)]
+        first, terminated, truncated = (replay[name][stream, order] for name in ("first", "terminated", "truncated"))
+        ended = terminated | truncated
+        np.testing.assert_array_equal(first[1:], ended[:-1], f"stream {stream}: an episode starts where none ended")
+        cuts += int((truncated & ~terminated).sum())
+    assert cuts >= 2  # the killed actor's two streams (CartPole's own 500-step limit is seldom reached here)
+
+
+def test_evaluation_runs_beside_the_learner(tmp_path):
+    """Evaluations (400-step episodes) run in their own process on the published weights: the
+    learner goes on updating while each one runs, and every result is logged at the step it was
+    asked for, the last one with the final weights."""
+    proc = start(tmp_path, "--env-id", "long_episode_env:LongEpisode-v0", "--num-actors", "1", "--total-timesteps",
+                 "12000", "--eval-interval", "3000", "--eval-episodes", "4", *SMALL,
+                 extra_env={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
+    out, err = wait_clean(proc, timeout=300)
+    assert proc.returncode == 0, err
+    during = [int(n.replace(",", "")) for n in re.findall(r"the learner did ([\d,]+) updates while it ran", out)]
+    assert len(during) >= 3 and max(during) > 0, out
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    evaluations = acc.Scalars("eval/episodic_return")
+    assert [e.value for e in evaluations] == [400.0] * len(evaluations)  # 4 whole episodes each
+    assert evaluations[-1].step >= 12000
+
+
+def test_actor_deaths_beyond_max_actor_restarts_stop_the_run(tmp_path):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000",
+                 "--max-actor-restarts", "0", *SMALL)
     wait_for_output(proc, tmp_path, "runs/*")
-    victims = [pid for pid in descendants(proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    victims = actor_pids(proc)
     assert len(victims) >= 2
     os.kill(victims[0], signal.SIGKILL)
     out, err = wait_clean(proc, timeout=30)
-    assert proc.returncode == 1 and "died" in err
+    assert proc.returncode == 1 and "died" in err and "0 of --max-actor-restarts 0" in err
 
 
 def test_exception_in_the_learner_cleans_up(tmp_path, monkeypatch):
@@ -397,7 +494,7 @@ def test_short_pong_run_end_to_end(tmp_path):
                                            (["--num-actors", "0"], "--num-actors must be >= 1"),
                                            (["--log-interval", "0"], "--log-interval must be > 0"),
                                            (["--min-replay-ratio", "2"], "--min-replay-ratio must be in [0, "
-                                                                         "--replay-ratio=1.0]")])
+                                                                         "--replay-ratio=0.4]")])
 def test_bad_arguments_refused_with_one_line(tmp_path, args, message):
     proc = start(tmp_path, "--env-id", "CartPole-v1", *args)
     out, err = wait_clean(proc, timeout=60)

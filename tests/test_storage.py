@@ -188,6 +188,27 @@ def test_a_window_that_passes_the_overwrite_check_was_read_whole_before_it():
         check_window(learner, ref, batch, b, 0)
 
 
+@pytest.mark.parametrize("margin, frame_stack", [(0, 1), (3, 1), (0, 2)])
+def test_sampleable_fraction_counts_the_steps_inside_sampleable_windows(margin, frame_stack):
+    """Against brute force: the steps covered by the windows the index holds, ÷ steps held."""
+    rng = np.random.default_rng(margin)
+    shape = (frame_stack, 2) if frame_stack > 1 else (2,)
+    rb = make_buffer(num_streams=3, capacity=3 * 40, overwrite_margin=margin, obs_shape=shape, frame_stack=frame_stack)
+    for _ in range(150):
+        steps = rng.integers(0, 3, 3)
+        for e in range(3):
+            for _ in range(steps[e]):
+                rb.add(np.zeros((1, *shape), np.float32), [0], [0.0], [False], [False], [False], np.zeros((1, 2)),
+                       streams=[e])
+        covered = 0
+        for e in range(3):
+            steps_in_windows = set()
+            for k in rb.sequence_id[e][rb.sequence_id[e] >= 0]:
+                steps_in_windows.update(range(k * rb.period, k * rb.period + rb.window_length))
+            covered += len(steps_in_windows)
+        assert rb.sampleable_fraction() == pytest.approx(covered / max(rb.size, 1))
+
+
 def test_never_samples_a_window_partly_overwritten():
     rng = np.random.default_rng(2)
     rb = make_buffer(num_streams=1, capacity=16)  # 16 = window 11 + room for one more period
