@@ -42,7 +42,7 @@ import tyro
 from r2d2_algo.envs import check_env_id, default_env_threads, frame_stack_of, make_vector_env
 from r2d2_algo.model import RNNQNetwork
 from r2d2_algo.r2d2 import EnvActor
-from r2d2_algo.r2d2_mp import Args as R2D2MPArgs
+from r2d2_algo.r2d2_mp import MAX_ENVS_PER_ACTOR
 from r2d2_algo.storage import SequenceReplayBuffer, stack_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ class Args:
     slow spell of the machine hits every kind; medians are reported, ratios are taken per round"""
     processes: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
-    envs_per_process: int = R2D2MPArgs.num_envs_per_actor
+    envs_per_process: int = MAX_ENVS_PER_ACTOR
     """envs per actor process for the main measurements (r2d2_mp.py's default)"""
     env_splits: int = 2
     """Atari: the actors' env batches (r2d2_mp.py --env-splits); 1 = env and network take turns"""

@@ -841,6 +841,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             prefetcher.stop.set()
             prefetcher.join(timeout=5)
         children = actors + ([evaluator] if evaluator is not None else [])
+        eval_requests.put(None)  # the evaluator ends now, or after the evaluation in progress (killed after 5 s)
         deadline = time.time() + 5
         for p in children:
             p.join(timeout=max(0.0, deadline - time.time()))
