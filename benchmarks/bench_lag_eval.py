@@ -72,8 +72,11 @@ def measure(checkout: Path, case_args: list[str], seconds: float) -> dict:
     """Run checkout's r2d2_mp.py until it has learned for ``seconds``, Ctrl-C it, read its scalars."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(checkout))
-        proc = subprocess.Popen([sys.executable, str(checkout / "r2d2_algo" / "r2d2_mp.py"), *case_args,
-                                 "--total-timesteps", "100000000", "--log-interval", "2"], cwd=tmp, env=env,
+        script = checkout / "r2d2_algo" / "r2d2_mp.py"
+        # --log-interval was in seconds in earlier versions, it is in environment steps now
+        log_interval = "2" if "log_interval: float" in script.read_text() else "2000"
+        proc = subprocess.Popen([sys.executable, str(script), *case_args,
+                                 "--total-timesteps", "100000000", "--log-interval", log_interval], cwd=tmp, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         learning_since, deadline = None, time.time() + seconds + 900
         for line in proc.stdout:

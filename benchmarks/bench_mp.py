@@ -41,7 +41,7 @@ import tyro
 
 from r2d2_algo.envs import check_env_id, default_env_threads, frame_stack_of, make_vector_env
 from r2d2_algo.model import RNNQNetwork
-from r2d2_algo.r2d2 import EnvActor
+from r2d2_algo.r2d2_mp import EnvActor
 from r2d2_algo.r2d2_mp import MAX_ENVS_PER_ACTOR
 from r2d2_algo.storage import SequenceReplayBuffer, stack_frames
 
@@ -153,7 +153,7 @@ def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: floa
         cmd = [sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), "--env-id", env_id, "--num-actors",
                str(processes), "--num-envs-per-actor", str(envs_per_process), "--env-splits", str(env_splits),
                "--total-timesteps", "100000000",
-               "--learning-starts", "2000", "--buffer-size", "100000", "--log-interval", "5", "--eval-episodes", "0"]
+               "--learning-starts", "2000", "--buffer-size", "100000", "--log-interval", "5000", "--eval-episodes", "0"]
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, start = [], time.time()
         learning_since = None

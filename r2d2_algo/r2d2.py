@@ -2,19 +2,21 @@
 
     python r2d2_algo/r2d2.py --env-id CartPole-v1
 
-Vector environments act with ε-greedy per-env exploration (each env one rung of the Ape-X ε
-ladder) and write sequences to a prioritized sequence replay; the learner burns in the online
-and target networks from the stored recurrent state, trains on n-step double-Q targets with
-value rescaling, and updates the sampled sequences' priorities. Defaults suit CartPole on a
+A vector of environments acts ε-greedily (each env one rung of the Ape-X ε ladder) with the
+recurrent Q-network and writes every step to a prioritized sequence replay; the learner burns in
+the online and target networks from the stored recurrent state, trains on n-step double-Q targets
+with value rescaling, and updates the sampled sequences' priorities. Defaults suit CartPole on a
 CPU; the paper's Atari values are given in each field's docstring and are the defaults of
-r2d2_mp.py. The algorithm follows R2D2_SPEC.md.
+r2d2_mp.py, which runs the same algorithm with actor processes (diff the two files: what differs
+is the process plumbing). The algorithm, and where this code departs from the paper, is described
+in docs/algorithm.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import signal
 import sys
 import time
 from collections import deque
@@ -43,19 +45,10 @@ from r2d2_algo.checkpoint import (
     unpickle_envs,
 )
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
-from r2d2_algo.evaluate import (
-    EVAL_EPSILON,
-    EVAL_SEED_OFFSET,
-    evaluate,
-    evaluate_saved_model,
-)
+from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.storage import (
-    SequenceBatch,
-    SequenceReplayBuffer,
-    sequence_priorities,
-    stack_frames,
-)
+from r2d2_algo.stopping import StopRequest, StopRun
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities, stack_frames
 
 
 @dataclass
@@ -67,7 +60,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled and CUDA is available, the network runs on the GPU"""
+    """if toggled and CUDA is available, the learner runs on the GPU"""
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
     checkpoint_interval: int = 0
@@ -77,15 +70,15 @@ class Args:
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
 
-    # Environment
+    # Environment and acting
     env_id: str = "CartPole-v1"
     """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
     total_timesteps: int = 100_000
     """total environment steps (summed over all envs)"""
     num_envs: int = 8
-    """parallel environments; env i explores with ε_i of the Ape-X ladder"""
+    """environments, acted on with one batched forward pass per step"""
     epsilon_base: float = 0.4
-    """ε ladder base: ε_i = base^(1 + alpha·i/(N−1)) (Ape-X, Sec. 4.1)"""
+    """ε ladder base over all envs: ε_i = base^(1 + alpha·i/(N−1)) (Ape-X, Sec. 4.1)"""
     epsilon_alpha: float = 7.0
     """ε ladder exponent range (Ape-X, Sec. 4.1)"""
 
@@ -101,7 +94,7 @@ class Args:
 
     # Replay
     buffer_size: int = 100_000
-    """replay capacity in observations, over all envs (paper: 4,000,000)"""
+    """replay capacity in observations (paper: 4,000,000; scale to fit RAM: an Atari step takes ~7 KB)"""
     burn_in_length: int = 8
     """burn-in steps l unrolled from the stored state without gradient (paper: 40)"""
     sequence_length: int = 16
@@ -135,11 +128,11 @@ class Args:
     learning_starts: int = 2_000
     """environment steps before learning starts"""
     replay_ratio: float = 32.0
-    """trained observations sampled per observation added (B·m per update ÷ env steps)"""
+    """most trained observations sampled per observation added (B·m per update ÷ env steps); the learner waits above it (paper: ≈ 0.4)"""
 
     # Evaluation and logging
     eval_interval: int = 5_000
-    """environment steps between greedy evaluations (0: only at the end)"""
+    """environment steps between evaluations (0: only at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation (0: no evaluation)"""
     eval_epsilon: float = EVAL_EPSILON
@@ -153,15 +146,12 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "progress_bar")
-POSITIVE_ARGS = ("total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
-                 "sequence_length", "batch_size", "n_step", "target_network_update_period", "log_interval")
 
 
-def check_args(args, positive: tuple[str, ...] = POSITIVE_ARGS) -> None:
-    """Refuse inconsistent arguments with a one-line ValueError, before anything is written.
-
-    ``positive`` names the integer fields that must be >= 1 (r2d2_mp.py passes its own)."""
-    for name in positive:
+def check_args(args: Args) -> None:
+    """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
+    for name in ["total_timesteps", "num_envs", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
+                 "sequence_length", "batch_size", "n_step", "target_network_update_period", "log_interval"]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval"]:
@@ -179,9 +169,14 @@ def check_args(args, positive: tuple[str, ...] = POSITIVE_ARGS) -> None:
         raise ValueError(f"--eval-epsilon must be in [0, 1], got {args.eval_epsilon}")
 
 
+def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
+    return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
+                       args.head_hidden_size)
+
+
 # ALGO LOGIC: acting
 class EnvActor:
-    """The acting side of R2D2 for a batch of E environments (R2D2_SPEC.md pieces 1 and 5).
+    """The acting side of R2D2 for a vector of E environments (docs/algorithm.md, pieces 1 and 5).
 
     Acts ε-greedily on the recurrent Q-network, env i with ε = epsilons[i] (its rung of the
     Ape-X ladder), carrying the recurrent state through each episode, and writes every step to
@@ -189,97 +184,71 @@ class EnvActor:
     step after a final observation returns the reset observation, which begins an episode:
     the core's state is reset there and the previous action/reward are none.
 
-    The envs may be asynchronous (``make_vector_env(num_splits > 1)``): each ``step`` acts in
-    the envs whose observations are at hand and the env returns another batch (its
-    ``info["env_id"]``); a step is written to the replay when its reward comes back. ale-py's
-    ``reset`` returns the first split only; the other splits' reset observations come back
-    from the first ``step`` calls, for envs never acted in: no step is written for them.
-
     Args:
         envs: vector env of E envs (NEXT_STEP autoreset), reset here with ``seed``.
         q_network: network to act with (its current weights are used at every step).
-        replay: SequenceReplayBuffer to write to; ``streams`` (E,) selects its streams.
+        replay: SequenceReplayBuffer to write to, one stream per env.
         epsilons: (E,) exploration rates.
         rng: numpy Generator for exploration.
     """
 
     def __init__(self, envs, q_network: RNNQNetwork, replay: SequenceReplayBuffer, epsilons: np.ndarray,
-                 rng: np.random.Generator, seed: int, device: torch.device | str = "cpu",
-                 streams: np.ndarray | None = None):
+                 rng: np.random.Generator, seed: int, device: torch.device | str = "cpu"):
         self.envs, self.q_network, self.replay, self.epsilons, self.rng = envs, q_network, replay, epsilons, rng
         self.device = device
         self.num_envs, self.n_actions = len(epsilons), int(envs.single_action_space.n)
         E = self.num_envs
-        self.streams = np.arange(E) if streams is None else np.asarray(streams)
-        self.obs, info = envs.reset(seed=seed)
-        self.env_ids = np.asarray(info["env_id"]) if "env_id" in info else np.arange(E)  # envs of `obs`
+        self.obs, _ = envs.reset(seed=seed)
         self.state = q_network.initial_state(E, device)  # (E, state_size) entering each env's current obs
         self.prev_action = np.full(E, -1, dtype=np.int64)
         self.prev_reward = np.zeros(E, dtype=np.float32)
         self.first = np.ones(E, dtype=bool)
         self.obs_terminated = np.zeros(E, dtype=bool)  # the env's current obs is a final observation
         self.obs_truncated = np.zeros(E, dtype=bool)
-        # the step each env is taking: written to replay when its reward comes back
-        self.acting = np.zeros(E, dtype=bool)  # its action was sent and its step has not come back
-        space = envs.single_observation_space
-        self.pending_obs = np.zeros((E, *space.shape), dtype=space.dtype)
-        self.pending_action = np.zeros(E, dtype=np.int64)
-        self.pending_state = np.zeros((E, q_network.state_size), dtype=np.float32)
         self.episode_return = np.zeros(E)
         self.episode_length = np.zeros(E, dtype=np.int64)
         self.env_steps = 0  # steps written to replay
 
     def step(self) -> list[tuple[int, float, int]]:
-        """Act once in the envs at hand and write the steps that completed to replay.
+        """Act once in every env and write the steps to replay.
 
         Returns:
             (env index, return, length in agent steps) of each episode that ended.
         """
-        ids = self.env_ids
-        state = self.state[ids]
+        state = self.state
         with torch.no_grad():
             q, next_state = self.q_network(
                 torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
-                torch.as_tensor(self.prev_action[ids], device=self.device).unsqueeze(0),
-                torch.as_tensor(self.prev_reward[ids], device=self.device).unsqueeze(0),
-                torch.as_tensor(self.first[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_action, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_reward, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.first, device=self.device).unsqueeze(0),
                 state,
             )
         greedy = q[0].argmax(dim=-1).cpu().numpy()
-        explore = self.rng.random(len(ids)) < self.epsilons[ids]
-        action = np.where(explore, self.rng.integers(0, self.n_actions, len(ids)), greedy)
-        self.pending_obs[ids] = self.obs
-        self.pending_action[ids] = action
-        self.pending_state[ids] = state.cpu().numpy()
-        self.state[ids] = next_state
-        self.acting[ids] = True
-        next_obs, reward, terminated, truncated, infos = self.envs.step(action)
-        returned = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs of next_obs
-        stepped = self.acting[returned]  # False: an env never acted in, returning its reset observation
-        back = returned[stepped]  # envs whose step completed
-        reward, terminated, truncated = reward[stepped], terminated[stepped], truncated[stepped]
-        self.acting[back] = False
+        explore = self.rng.random(self.num_envs) < self.epsilons
+        action = np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
+        self.state = next_state
+        next_obs, reward, terminated, truncated, _ = self.envs.step(action)
+        back = np.arange(self.num_envs)  # envs whose step completed: all of them
         self.env_steps += len(back)
 
-        was_final = self.obs_terminated[back] | self.obs_truncated[back]  # this step was the reset
-        self.replay.add(self.pending_obs[back], self.pending_action[back], reward, self.first[back],
-                        self.obs_terminated[back], self.obs_truncated[back], self.pending_state[back],
-                        streams=self.streams[back])
-        self.episode_return[back] += np.where(was_final, 0.0, reward)
-        self.episode_length[back] += ~was_final
+        was_final = self.obs_terminated | self.obs_truncated  # this step was the reset
+        self.replay.add(self.obs, action, reward, self.first, self.obs_terminated, self.obs_truncated,
+                        state.cpu().numpy())
+        self.episode_return += np.where(was_final, 0.0, reward)
+        self.episode_length += ~was_final
         ended = back[terminated | truncated]
         finished = [(int(i), float(self.episode_return[i]), int(self.episode_length[i])) for i in ended]
         self.episode_return[ended], self.episode_length[ended] = 0.0, 0
-        self.first[back] = was_final
-        self.prev_action[back] = np.where(was_final, -1, self.pending_action[back])
-        self.prev_reward[back] = np.where(was_final, 0.0, reward)
-        self.obs, self.env_ids = next_obs, returned
-        self.obs_terminated[back], self.obs_truncated[back] = terminated, truncated
+        self.first = was_final
+        self.prev_action = np.where(was_final, -1, action)
+        self.prev_reward = np.where(was_final, 0.0, reward).astype(np.float32)
+        self.obs = next_obs
+        self.obs_terminated, self.obs_truncated = terminated, truncated
         return finished
 
-    STATE = ("obs", "env_ids", "prev_action", "prev_reward", "first", "obs_terminated", "obs_truncated",
-             "acting", "pending_obs", "pending_action", "pending_state", "episode_return", "episode_length",
-             "env_steps")
+    STATE = ("obs", "prev_action", "prev_reward", "first", "obs_terminated", "obs_truncated", "episode_return",
+             "episode_length", "env_steps")
 
     def state_dict(self) -> dict:
         """Everything of the acting loop but the envs (for a checkpoint)."""
@@ -413,19 +382,60 @@ def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int 
     return out
 
 
-class StopRequest:
-    """Ctrl-C / SIGTERM handler: records the signal; the training loop stops at the end of its
-    iteration (after writing a checkpoint when checkpoints are on)."""
+# ALGO LOGIC: one learner update
+def update(q_network: RNNQNetwork, target_network: RNNQNetwork, optimizer: torch.optim.Optimizer,
+           batch: dict[str, torch.Tensor], args: Args, updates: int, stop: StopRequest) -> tuple[np.ndarray, dict]:
+    """One Adam step on the R2D2 loss of ``batch``, gradients clipped to --max-grad-norm; every
+    --target-network-update-period updates (``updates`` counts this one) the target network copies
+    the online one. Ctrl-C during the forward and backward pass abandons the update, unapplied
+    (StopRun). Returns the batch's new priorities (B,) and floats for logging."""
+    with stop.interruptible(q_network, target_network):
+        loss, priorities, stats = r2d2_loss(q_network, target_network, batch, args.burn_in_length,
+                                            args.sequence_length, args.gamma, args.n_step,
+                                            args.value_rescaling_epsilon, args.priority_eta)
+        optimizer.zero_grad()
+        loss.backward()
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm))
+    optimizer.step()
+    if updates % args.target_network_update_period == 0:
+        target_network.load_state_dict(q_network.state_dict())
+    stats["mean_priority"] = float(np.mean(priorities))
+    return priorities, stats
 
-    def __init__(self):
-        self.signum = 0
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
 
-    def __call__(self, signum, frame) -> None:
-        if self.signum:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: SequenceReplayBuffer, stats: dict,
+                epsilon: float, last: dict, args: Args) -> tuple[float, float]:
+    """The scalars of a log interval (README: Logged quantities); ``last`` holds the time, step,
+    update and sequence counts of the previous log and is updated. Returns the interval's SPS and
+    learner updates per second."""
+    dt = time.time() - last["time"]
+    sps, updates_per_second = (global_step - last["step"]) / dt, (updates - last["updates"]) / dt
+    writer.add_scalar("charts/SPS", sps, global_step)
+    writer.add_scalar("charts/epsilon", epsilon, global_step)
+    writer.add_scalar("charts/updates_per_second", updates_per_second, global_step)
+    writer.add_scalar("charts/learner_updates", updates, global_step)
+    writer.add_scalar("replay/size", replay.size, global_step)
+    writer.add_scalar("replay/sequences_added_per_second", (replay.num_sequences_added - last["added"]) / dt,
+                      global_step)
+    writer.add_scalar("replay/sequences_sampled_per_second", (updates - last["updates"]) * args.batch_size / dt,
+                      global_step)
+    writer.add_scalar("replay/replay_ratio", updates * args.batch_size * args.sequence_length / max(global_step, 1),
+                      global_step)
+    writer.add_scalar("replay/max_priority", replay.max_priority, global_step)
+    if stats:
+        writer.add_scalar("replay/mean_priority", stats["mean_priority"], global_step)
+        writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
+        writer.add_scalar("losses/q_values", stats["q_values"], global_step)
+        writer.add_scalar("losses/grad_norm", stats["grad_norm"], global_step)
+    last.update(time=time.time(), step=global_step, updates=updates, added=replay.num_sequences_added)
+    return sps, updates_per_second
+
+
+def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
+    """eval/* scalars of one evaluation."""
+    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
+    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
+    writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
 
 
 def main(args: Args, argv: list[str] | None = None) -> int:
@@ -434,67 +444,58 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
+        frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
+        replay = SequenceReplayBuffer(
+            num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
+            obs_dtype=observation_space.dtype, state_size=make_network(args, observation_space, n_actions).state_size,
+            burn_in_length=args.burn_in_length, sequence_length=args.sequence_length, n_step=args.n_step,
+            overlap=args.overlap, priority_exponent=args.priority_exponent,
+            importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack)
     except ValueError as e:
         raise SystemExit(f"r2d2.py: error: {e}") from None
     if checkpoint is not None:
         run_name = checkpoint["run_name"]
     else:
         run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed)  # replay sampling and exploration
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    q_network = RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
-                            args.head_hidden_size).to(device)
-    target_network = RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
-                                 args.head_hidden_size).to(device)
+    q_network = make_network(args, observation_space, n_actions).to(device)
+    target_network = make_network(args, observation_space, n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
-    try:
-        rb = SequenceReplayBuffer(
-            num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
-            obs_dtype=observation_space.dtype, state_size=q_network.state_size, burn_in_length=args.burn_in_length,
-            sequence_length=args.sequence_length, n_step=args.n_step, overlap=args.overlap,
-            priority_exponent=args.priority_exponent, importance_sampling_exponent=args.importance_sampling_exponent,
-            frame_stack=frame_stack,
-        )
-    except ValueError as e:
-        raise SystemExit(f"r2d2.py: error: {e}") from None
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)
-    epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,)
-    actor = EnvActor(envs, q_network, rb, epsilons, rng, args.seed, device)
+    epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,) one rung per env
+    actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed, device)
 
-    # the loop's counters: all of them go into checkpoints, so a resumed run continues exactly
-    progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "eval_return": float("nan"),
-                "next_eval": args.eval_interval if args.eval_interval > 0 else args.total_timesteps,
-                "next_checkpoint": args.checkpoint_interval, "last_log_step": 0, "last_log_updates": 0,
-                "last_log_added": 0, "learn_from": args.learning_starts, "updates_base": 0}
+    # the loop's counters (checkpointed, so that a resumed run continues exactly)
+    progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
+                "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
+                "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
     recent_returns: deque[float] = deque(maxlen=20)
-    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
     if checkpoint is not None:
         try:
             load_learner_state(checkpoint, q_network, target_network, optimizer)
             progress.update(checkpoint["progress"])
             recent_returns.extend(checkpoint["recent_returns"])
             if checkpoint["replay"] is not None:
-                rb.load_state_dict(from_storable(checkpoint["replay"]))
+                replay.load_state_dict(from_storable(checkpoint["replay"]))
             else:  # an empty replay: learning starts again after learning_starts new steps
                 progress.update(learn_from=progress["global_step"] + args.learning_starts,
                                 updates_base=progress["updates"])
+            envs.close()
             if checkpoint["envs"] is not None:  # the envs exactly as they were: the run continues bit for bit
-                envs.close()
                 envs = actor.envs = unpickle_envs(checkpoint["envs"])
                 actor.load_state_dict(from_storable(checkpoint["actor"]))
             else:  # envs that cannot be saved (ale-py) start new episodes; the replay's streams are cut there
-                envs.close()
-                envs = actor.envs = make_vector_env(args.env_id, args.num_envs, args.seed + progress["global_step"])
-                actor.__init__(envs, q_network, rb, epsilons, rng, args.seed + progress["global_step"], device)
-                rb.truncate_streams()
+                envs = make_vector_env(args.env_id, args.num_envs, args.seed + progress["global_step"])
+                actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed + progress["global_step"], device)
+                replay.truncate_streams()
                 print("the envs could not be saved in the checkpoint (e.g. ale-py's): new episodes start here")
             restore_rng_states(checkpoint["rng"], rng)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -506,15 +507,14 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         del checkpoint  # the replay copy can be large
 
     def write_checkpoint() -> None:
+        progress["elapsed"] = time.time() - start_time
         atomic_save({
-            "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
-            "progress": {**progress, "elapsed": time.time() - start_time},
-            **learner_state(q_network, target_network, optimizer),
-            "rng": rng_states(rng), "recent_returns": list(recent_returns),
-            "actor": to_storable(actor.state_dict()), "envs": pickled_envs(envs),
-            "replay": to_storable(rb.state_dict()) if args.checkpoint_replay else None,
+            "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args), "progress": dict(progress),
+            **learner_state(q_network, target_network, optimizer), "rng": rng_states(rng),
+            "recent_returns": list(recent_returns), "actor": to_storable(actor.state_dict()), "envs": pickled_envs(envs),
+            "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
         }, checkpoint_file)
-        tqdm.write(f"step {progress['global_step']}: checkpoint written to {checkpoint_file}")
+        tqdm.write(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}")
 
     # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
     writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"] else None)
@@ -522,131 +522,96 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         writer.add_text("hyperparameters",
                         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
         writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    with open(f"runs/{run_name}/args.json", "w") as f:  # read back by analysis.py and the notebooks
+        json.dump(vars(args), f, indent=1)
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device}, replay "
-          f"{rb.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
+          f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
 
     start_time = time.time() - progress["elapsed"]
-    last_log_time = time.time()
-    updates_per_step = args.replay_ratio / (args.batch_size * args.sequence_length)
-    stats = None
+    last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
+            "added": replay.num_sequences_added}
+    global_step, updates, stats = progress["global_step"], progress["updates"], {}
     stop = StopRequest()
-    bar = tqdm(total=args.total_timesteps, initial=progress["global_step"], disable=not args.progress_bar, unit="step",
+    bar = tqdm(total=args.total_timesteps, initial=global_step, disable=not args.progress_bar, unit="step",
                dynamic_ncols=True)
     try:
-        while progress["global_step"] < args.total_timesteps and not stop.signum:
+        while global_step < args.total_timesteps:
+            stop.check()
             # ALGO LOGIC: act ε-greedily with the recurrent state, one rung of the ladder per env
-            finished = actor.step()
-            progress["global_step"] += args.num_envs
-            global_step = progress["global_step"]
-            bar.update(args.num_envs)
-
-            for _, episodic_return, episodic_length in finished:
+            for _, episodic_return, episodic_length in actor.step():
                 recent_returns.append(episodic_return)
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            global_step = progress["global_step"] = progress["global_step"] + args.num_envs
+            bar.update(args.num_envs)
 
-            # ALGO LOGIC: training, throttled to the replay ratio
-            log_due = global_step - progress["last_log_step"] >= args.log_interval
-            if global_step >= progress["learn_from"] and rb.num_valid_sequences > 0:
-                updates_due = progress["updates_base"] + int((global_step - progress["learn_from"]) * updates_per_step) + 1
-                while progress["updates"] < updates_due:
-                    batch = rb.sample(args.batch_size, rng)
-                    loss, priorities, stats = r2d2_loss(
-                        q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
-                        args.sequence_length, args.gamma, args.n_step, args.value_rescaling_epsilon, args.priority_eta,
-                    )
-                    optimizer.zero_grad()
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    rb.update_priorities(batch.indices, batch.sequence_ids, priorities)
-                    progress["updates"] += 1
-                    if progress["updates"] % args.target_network_update_period == 0:
-                        target_network.load_state_dict(q_network.state_dict())
+            # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
+            learn_from = progress["learn_from"]
+            while global_step >= learn_from and replay.num_valid_sequences > 0 and \
+                    (updates - progress["updates_base"]) * args.batch_size * args.sequence_length \
+                    <= args.replay_ratio * (global_step - learn_from):
+                batch = replay.sample(args.batch_size, rng)
+                priorities, stats = update(q_network, target_network, optimizer, batch_to_torch(batch, device, frame_stack),
+                                           args, updates + 1, stop)
+                replay.update_priorities(batch.indices, batch.sequence_ids, priorities)
+                updates = progress["updates"] = updates + 1
 
-                if log_due and stats is not None:
-                    dt = time.time() - last_log_time
-                    updates = progress["updates"]
-                    new_updates = updates - progress["last_log_updates"]
-                    new_sequences = rb.num_sequences_added - progress["last_log_added"]
-                    writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
-                    writer.add_scalar("losses/q_values", stats["q_values"], global_step)
-                    writer.add_scalar("losses/grad_norm", float(grad_norm), global_step)
-                    writer.add_scalar("charts/updates_per_second", new_updates / dt, global_step)
-                    writer.add_scalar("charts/learner_updates", updates, global_step)
-                    writer.add_scalar("replay/size", rb.size, global_step)
-                    writer.add_scalar("replay/sequences_added_per_second", new_sequences / dt, global_step)
-                    writer.add_scalar("replay/sequences_sampled_per_second", new_updates * args.batch_size / dt,
-                                      global_step)
-                    writer.add_scalar("replay/replay_ratio",
-                                      updates * args.batch_size * args.sequence_length / max(global_step, 1), global_step)
-                    writer.add_scalar("replay/mean_priority", float(np.mean(priorities)), global_step)
-                    writer.add_scalar("replay/max_priority", rb.max_priority, global_step)
-                    writer.add_scalar("charts/parameter_lag", 0, global_step)  # actors act with the learner's net
-                    progress.update(last_log_updates=updates, last_log_added=rb.num_sequences_added)
-
-            if log_due:
-                now = time.time()
-                sps = (global_step - progress["last_log_step"]) / (now - last_log_time)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("charts/epsilon", float(epsilons.mean()), global_step)
-                last_log_time = now
-                progress["last_log_step"] = global_step
+            if global_step >= progress["next_log"]:
+                sps, updates_per_second = log_scalars(writer, global_step, updates, replay, stats,
+                                                      float(epsilons.mean()), last, args)
+                writer.add_scalar("charts/parameter_lag", 0, global_step)  # the actors act with the learner's net
                 mean_return = np.mean(recent_returns) if recent_returns else float("nan")
-                bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", eval=f"{progress['eval_return']:.1f}",
-                                upd=progress["updates"])
+                bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", upd=updates)
+                while progress["next_log"] <= global_step:
+                    progress["next_log"] += args.log_interval
 
-            final_step = global_step >= args.total_timesteps
-            # with --save-model the final evaluation is that of the saved model, below
-            if args.eval_episodes > 0 and (global_step >= progress["next_eval"] or final_step) \
-                    and not (final_step and args.save_model):
+            # with --save-model the final evaluation is that of the saved model, after the loop
+            final_step = args.save_model and global_step >= args.total_timesteps
+            if args.eval_episodes > 0 and progress["next_eval"] is not None and global_step >= progress["next_eval"] \
+                    and not final_step:
                 returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
                                       args.eval_epsilon)
                 log_evaluation(writer, returns, global_step, time.time() - start_time)
-                progress["eval_return"] = float(returns.mean())
-                tqdm.write(f"step {global_step}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
-                           f"({time.time() - start_time:.0f}s, {progress['updates']} updates)")
-            while global_step >= progress["next_eval"]:
-                progress["next_eval"] += args.eval_interval if args.eval_interval > 0 else args.total_timesteps
+                progress["evaluated_at"] = updates
+                tqdm.write(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
+                           f"({time.time() - start_time:.0f}s, {updates:,} updates)")
+                while progress["next_eval"] <= global_step:
+                    progress["next_eval"] += args.eval_interval
 
-            if args.checkpoint_interval > 0 and (global_step >= progress["next_checkpoint"] or stop.signum):
+            if args.checkpoint_interval > 0 and global_step >= progress["next_checkpoint"]:
                 while progress["next_checkpoint"] <= global_step:
                     progress["next_checkpoint"] += args.checkpoint_interval
                 write_checkpoint()
 
-        if stop.signum:
-            print(f"r2d2.py: stopped by signal {stop.signum} at step {progress['global_step']:,}"
-                  + (f"; resume with --resume {os.path.dirname(checkpoint_file)}" if args.checkpoint_interval else ""))
-            return 128 + stop.signum
-        if args.save_model:
-            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer,
-                                    progress["global_step"], start_time, device)
+        if last["step"] != global_step:  # the final count, always
+            writer.add_scalar("charts/learner_updates", updates, global_step)
+        if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
+            model_path = f"saved_models/{run_name}/model.pt"
+            save_model(model_path, q_network, args, observation_space, n_actions)
+            print(f"model saved to {model_path}")
+            if args.eval_episodes > 0:
+                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+                log_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
+                print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+                      f"(written to {result['output']})", flush=True)
+        elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
+            returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
+                                  args.eval_epsilon)
+            log_evaluation(writer, returns, global_step, time.time() - start_time)
+            tqdm.write(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
+                       f"({time.time() - start_time:.0f}s, {updates:,} updates)")
         return 0
+    except StopRun as e:
+        print(f"r2d2.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
+        if args.checkpoint_interval > 0:
+            write_checkpoint()
+            print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
+        return e.exit_code
     finally:
+        stop.restore()
         bar.close()
         envs.close()
         writer.close()
-
-
-def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args, observation_space, n_actions: int,
-                            writer: SummaryWriter, global_step: int, start_time: float, device) -> None:
-    """End of a run with --save-model (both scripts): write saved_models/{run_name}/model.pt, then
-    evaluate the saved file as evaluate.py does and log it as the final eval/episodic_return."""
-    model_path = f"saved_models/{run_name}/model.pt"
-    save_model(model_path, q_network, args, observation_space, n_actions)
-    print(f"model saved to {model_path}")
-    if args.eval_episodes > 0:
-        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
-        log_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
-        print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
-              f"(written to {result['output']})", flush=True)
-
-
-def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
-    """eval/* scalars of one evaluation (both scripts)."""
-    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
-    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
-    writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,30 @@
-"""R2D2 on one machine: actor processes feed one learner through shared memory.
+"""R2D2 on one machine (Kapturowski et al., ICLR 2019): actor processes feed one learner through
+shared memory.
 
     python r2d2_algo/r2d2_mp.py --env-id PongNoFrameskip-v4
 
-Processes and the shared memory between them (all created by the learner, see create_shared_memory):
+The algorithm is r2d2.py's, in the same lines (diff the two files: what differs is the process
+plumbing); the process roles and the shared memory between them (all created by ``main``, the
+layout declared in ``create_shared_memory``):
 
-    actor 0 ─┐  envs + CPU copy of the network; writes steps straight into the replay's
-    actor 1 ─┼─► shared arrays (obs, action, reward, flags, stored state, write counts);
-      ...    │   every --actor-update-interval actor steps asks for newer weights and loads them
-    actor N ─┘
-    evaluator    CPU copy of the published weights; plays evaluation episodes when asked
-                 learner (main process, GPU when available)
-                   prefetch thread: syncs the replay index with the actors' write counts,
-                                    samples prioritized windows, applies priority updates
-                   main thread:     burn-in, n-step double-Q loss, Adam, target copies,
-                                    publishes weights (with a version) when an actor asks,
-                                    restarts dead actors, logs
+    actor() × N   envs + CPU copy of the network, ε-greedy; writes every step straight into the
+                  replay's shared arrays (obs, action, reward, flags, stored state, write counts);
+                  every --actor-update-interval actor steps asks for newer weights and loads them
+    evaluator()   CPU copy of the published weights; plays evaluation episodes when asked
+    learner()     main process, GPU when available:
+                    Prefetcher thread: syncs the replay index with the actors' write counts,
+                                       samples prioritized windows, applies priority updates
+                    main thread:       burn-in, n-step double-Q loss, Adam, target copies;
+                                       publishes weights (with a version) when an actor asks,
+                                       asks for evaluations, logs, writes checkpoints
+    main()        builds the shared memory, starts the roles (Processes), runs the learner,
+                  and stops everything however the run ends
 
-The loss and its maths are r2d2.py's (``r2d2_loss``); replay and network are storage.py's and
-model.py's. Defaults are the paper's Atari values (R2D2_SPEC.md, Table 2) except the replay
-capacity, scaled to a workstation. A run that stops for any reason (end, Ctrl-C, SIGTERM, an
-exception in the learner, an actor that died once more than --max-actor-restarts allows) stops
-its processes within seconds and unlinks its shared memory; a dead actor is reported by name
-with its traceback.
+Defaults are the paper's Atari values (docs/algorithm.md) except the replay capacity, scaled to
+a workstation. A run that stops for any reason (end, Ctrl-C, SIGTERM, an exception in the
+learner, an actor that died once more than --max-actor-restarts allows) stops its processes
+within seconds and unlinks its shared memory; a dead actor is reported by name with its
+traceback.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the heavy imports below load: nothing to clean, leave quietly
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
+import contextlib
 import dataclasses
+import json
 import os
 import queue
 import random
@@ -60,20 +65,15 @@ from r2d2_algo.checkpoint import (
     restore_rng_states,
     resume_run,
     rng_states,
+    save_model,
     to_storable,
 )
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
-from r2d2_algo.evaluate import (
-    EVAL_EPSILON,
-    EVAL_SEED_OFFSET,
-    evaluate,
-)
+from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.r2d2 import EnvActor, batch_to_torch, r2d2_loss, save_and_evaluate_model
-from r2d2_algo.r2d2 import check_args as r2d2_check_args
-from r2d2_algo.r2d2 import log_evaluation as write_evaluation
 from r2d2_algo.shared import SharedArrays, available_memory_bytes
-from r2d2_algo.storage import SequenceReplayBuffer
+from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities, stack_frames
 
 
 @dataclass
@@ -95,15 +95,15 @@ class Args:
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
 
-    # Environment and actors
+    # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
     """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
     total_timesteps: int = 10_000_000
-    """total environment steps (summed over all actors' envs)"""
+    """total environment steps (summed over all envs)"""
     num_actors: int = max(1, (os.cpu_count() or 2) - 1)
     """actor processes (default: the cores left after the learner)"""
     num_envs_per_actor: int = 0
-    """environments per actor, acted on with batched forward passes (one per env split). 0: 64 (= 2 × 32:
+    """environments per actor, acted on with one batched forward pass per env split. 0: 64 (= 2 × 32:
     the forward pass is bound by reading the weights, so larger batches cost little more per call), or
     fewer when there are so many actors that each env's replay stream would keep under 8 windows"""
     env_splits: int = 2
@@ -176,20 +176,324 @@ class Args:
 
     # Evaluation and logging
     eval_interval: int = 0
-    """environment steps between greedy evaluations (0: only at the end)"""
+    """environment steps between evaluations (0: only at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation (0: no evaluation)"""
     eval_epsilon: float = EVAL_EPSILON
     """ε of evaluation episodes (evaluate.py's default)"""
-    log_interval: float = 10.0
-    """seconds between scalar logs"""
+    log_interval: int = 20_000
+    """environment steps between scalar logs"""
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# arguments a resumed run may change on its command line; every other one comes from the checkpoint
+RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
+                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
+                  "max_actor_restarts")
 
 
-class StopRun(Exception):
-    """Raised in the learner to stop the run cleanly (SIGTERM, a dead actor)."""
+def check_args(args: Args) -> None:
+    """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
+    for name in ["total_timesteps", "num_actors", "env_splits", "actor_update_interval", "hidden_size", "torso_size",
+                 "head_hidden_size", "buffer_size", "sequence_length", "batch_size", "n_step",
+                 "target_network_update_period", "log_interval"]:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval",
+                 "num_envs_per_actor", "env_threads", "max_actor_restarts"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.replay_ratio <= 0:
+        raise ValueError("--learning-rate and --replay-ratio must be > 0")
+    if args.value_rescaling_epsilon < 0:
+        raise ValueError(f"--value-rescaling-epsilon must be >= 0, got {args.value_rescaling_epsilon}")
+    if not 0.0 <= args.priority_eta <= 1.0:
+        raise ValueError(f"--priority-eta must be in [0, 1], got {args.priority_eta}")
+    if not 0.0 <= args.eval_epsilon <= 1.0:
+        raise ValueError(f"--eval-epsilon must be in [0, 1], got {args.eval_epsilon}")
+    if not 0.0 <= args.min_replay_ratio <= args.replay_ratio:
+        raise ValueError(f"--min-replay-ratio must be in [0, --replay-ratio={args.replay_ratio}], "
+                         f"got {args.min_replay_ratio}")
+
+
+def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
+    return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
+                       args.head_hidden_size)
+
+
+# ALGO LOGIC: acting
+class EnvActor:
+    """The acting side of R2D2 for a vector of E environments (docs/algorithm.md, pieces 1 and 5).
+
+    Acts ε-greedily on the recurrent Q-network, env i with ε = epsilons[i] (its rung of the
+    Ape-X ladder), carrying the recurrent state through each episode, and writes every step to
+    the replay with the state that entered it (the stored state). With NEXT_STEP autoreset the
+    step after a final observation returns the reset observation, which begins an episode:
+    the core's state is reset there and the previous action/reward are none.
+
+    The envs may be asynchronous (``make_vector_env(num_splits > 1)``): each ``step`` acts in
+    the envs whose observations are at hand and the env returns another batch (its
+    ``info["env_id"]``); a step is written to the replay when its reward comes back. ale-py's
+    ``reset`` returns the first split only; the other splits' reset observations come back
+    from the first ``step`` calls, for envs never acted in: no step is written for them.
+
+    Args:
+        envs: vector env of E envs (NEXT_STEP autoreset), reset here with ``seed``.
+        q_network: network to act with (its current weights are used at every step).
+        replay: SequenceReplayBuffer to write to; ``streams`` (E,) selects its streams.
+        epsilons: (E,) exploration rates.
+        rng: numpy Generator for exploration.
+    """
+
+    def __init__(self, envs, q_network: RNNQNetwork, replay: SequenceReplayBuffer, epsilons: np.ndarray,
+                 rng: np.random.Generator, seed: int, device: torch.device | str = "cpu",
+                 streams: np.ndarray | None = None):
+        self.envs, self.q_network, self.replay, self.epsilons, self.rng = envs, q_network, replay, epsilons, rng
+        self.device = device
+        self.num_envs, self.n_actions = len(epsilons), int(envs.single_action_space.n)
+        E = self.num_envs
+        self.streams = np.arange(E) if streams is None else np.asarray(streams)
+        self.obs, info = envs.reset(seed=seed)
+        self.env_ids = np.asarray(info["env_id"]) if "env_id" in info else np.arange(E)  # envs of `obs`
+        self.state = q_network.initial_state(E, device)  # (E, state_size) entering each env's current obs
+        self.prev_action = np.full(E, -1, dtype=np.int64)
+        self.prev_reward = np.zeros(E, dtype=np.float32)
+        self.first = np.ones(E, dtype=bool)
+        self.obs_terminated = np.zeros(E, dtype=bool)  # the env's current obs is a final observation
+        self.obs_truncated = np.zeros(E, dtype=bool)
+        self.episode_return = np.zeros(E)
+        self.episode_length = np.zeros(E, dtype=np.int64)
+        self.env_steps = 0  # steps written to replay
+        # the step each env is taking: written to replay when its reward comes back
+        self.acting = np.zeros(E, dtype=bool)  # its action was sent and its step has not come back
+        space = envs.single_observation_space
+        self.pending_obs = np.zeros((E, *space.shape), dtype=space.dtype)
+        self.pending_action = np.zeros(E, dtype=np.int64)
+        self.pending_state = np.zeros((E, q_network.state_size), dtype=np.float32)
+
+    def step(self) -> list[tuple[int, float, int]]:
+        """Act once in the envs at hand and write the steps that completed to replay.
+
+        Returns:
+            (env index, return, length in agent steps) of each episode that ended.
+        """
+        ids = self.env_ids
+        state = self.state[ids]
+        with torch.no_grad():
+            q, next_state = self.q_network(
+                torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_action[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_reward[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.first[ids], device=self.device).unsqueeze(0),
+                state,
+            )
+        greedy = q[0].argmax(dim=-1).cpu().numpy()
+        explore = self.rng.random(len(ids)) < self.epsilons[ids]
+        action = np.where(explore, self.rng.integers(0, self.n_actions, len(ids)), greedy)
+        self.state[ids] = next_state
+        self.pending_obs[ids], self.pending_action[ids], self.pending_state[ids] = self.obs, action, state.cpu().numpy()
+        self.acting[ids] = True
+        next_obs, reward, terminated, truncated, infos = self.envs.step(action)
+        returned = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs of next_obs
+        stepped = self.acting[returned]  # False: an env never acted in, returning its reset observation
+        back = returned[stepped]  # envs whose step completed
+        reward, terminated, truncated = reward[stepped], terminated[stepped], truncated[stepped]
+        self.acting[back] = False
+        self.env_steps += len(back)
+
+        was_final = self.obs_terminated[back] | self.obs_truncated[back]  # this step was the reset
+        self.replay.add(self.pending_obs[back], self.pending_action[back], reward, self.first[back],
+                        self.obs_terminated[back], self.obs_truncated[back], self.pending_state[back],
+                        streams=self.streams[back])
+        self.episode_return[back] += np.where(was_final, 0.0, reward)
+        self.episode_length[back] += ~was_final
+        ended = back[terminated | truncated]
+        finished = [(int(i), float(self.episode_return[i]), int(self.episode_length[i])) for i in ended]
+        self.episode_return[ended], self.episode_length[ended] = 0.0, 0
+        self.first[back] = was_final
+        self.prev_action[back] = np.where(was_final, -1, self.pending_action[back])
+        self.prev_reward[back] = np.where(was_final, 0.0, reward).astype(np.float32)
+        self.obs, self.env_ids = next_obs, returned
+        self.obs_terminated[back], self.obs_truncated[back] = terminated, truncated
+        return finished
+
+
+# ALGO LOGIC: value rescaling and n-step double-Q targets (R2D2 Sec. 2.3; Pohlen et al. 2018)
+def value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """h(x) = sign(x)(√(|x|+1) − 1) + εx, elementwise."""
+    return torch.sign(x) * (torch.sqrt(x.abs() + 1.0) - 1.0) + eps * x
+
+
+def inverse_value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """h⁻¹(x) = sign(x)·(((√(1 + 4ε(|x| + 1 + ε)) − 1) / 2ε)² − 1), the exact inverse of h."""
+    if eps == 0.0:
+        return torch.sign(x) * ((x.abs() + 1.0) ** 2 - 1.0)
+    return torch.sign(x) * (((torch.sqrt(1.0 + 4.0 * eps * (x.abs() + 1.0 + eps)) - 1.0) / (2.0 * eps)) ** 2 - 1.0)
+
+
+def n_step_targets(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    bootstrap_q: torch.Tensor,
+    gamma: float,
+    n_step: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """R2D2 targets y_t = h(Σ_{k<n} γ^k r_{t+k} + γ^n h⁻¹(q̂_{t+n})) for t = 0..L−n−1.
+
+    An episode end inside the n steps stops the sum there: at a terminated observation
+    nothing is bootstrapped, at a truncated one the value is bootstrapped from that final
+    observation (time limits are not terminal). An observation both terminated and truncated
+    (the last allowed step was also a failure) is terminal. A step whose own observation is
+    final has no target (its action was never executed) and is masked out.
+
+    Args:
+        reward: (L, B) reward after each step's action.
+        terminated, truncated: (L, B) bool flags of each step's observation.
+        bootstrap_q: (L, B) rescaled Q_target(s_j, argmax_a Q_online(s_j, a)) at each step j.
+        gamma, n_step, eps: discount γ, n, value-rescaling ε.
+    Returns:
+        targets: (L − n, B) float, rescaled targets y_t.
+        mask: (L − n, B) float, 1 where step t has a target.
+    """
+    T = reward.shape[0] - n_step
+    last = terminated | truncated
+    running = ~last[:T]  # (T, B) the step has a target and its episode is still going
+    mask = running.float()
+    discounted = torch.zeros_like(reward[:T])
+    bootstrap = torch.zeros_like(reward[:T])
+    value = inverse_value_rescale(bootstrap_q, eps)  # (L, B) unrescaled values
+    for k in range(n_step):
+        discounted += running * (gamma**k) * reward[k : k + T]
+        ends = running & last[k + 1 : k + 1 + T]
+        # termination wins over a time limit at the same step (gymnasium's TimeLimit sets both)
+        truncated_only = truncated[k + 1 : k + 1 + T] & ~terminated[k + 1 : k + 1 + T]
+        bootstrap += (ends & truncated_only) * (gamma ** (k + 1)) * value[k + 1 : k + 1 + T]
+        running = running & ~last[k + 1 : k + 1 + T]
+    bootstrap += running * (gamma**n_step) * value[n_step : n_step + T]
+    return value_rescale(discounted + bootstrap, eps), mask
+
+
+def r2d2_loss(
+    q_network: RNNQNetwork,
+    target_network: RNNQNetwork,
+    batch: dict[str, torch.Tensor],
+    burn_in_length: int,
+    sequence_length: int,
+    gamma: float,
+    n_step: int,
+    eps: float,
+    priority_eta: float,
+) -> tuple[torch.Tensor, np.ndarray, dict[str, float]]:
+    """Burn-in from the stored state, n-step double-Q loss and new sequence priorities.
+
+    The online network is burned in without gradient on the first l steps, then unrolled with
+    gradient on the remaining m + n; the target network unrolls the whole window from the
+    same stored state (R2D2 Sec. 3, "burn-in"). Loss per sequence = sum over its valid
+    trained steps of ½δ², weighted by the importance weights, averaged over the batch. The
+    sum over time is the reduction of Acme's and SEED RL's R2D2 learners, which pair it with
+    the paper's Adam ε of 1e-3 (the paper does not state it); a mean over the m steps would
+    shrink every gradient m-fold, below the scale at which Adam's ε damps the step.
+
+    Args:
+        batch: tensors of a SequenceBatch (time-major, see storage.py).
+    Returns:
+        loss: scalar tensor with gradient.
+        priorities: (B,) new sequence priorities η·max|δ| + (1−η)·mean|δ|.
+        stats: floats for logging (td_loss, q_values).
+    """
+    l, m = burn_in_length, sequence_length
+    obs, prev_action, prev_reward, first = batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"]
+    state = batch["initial_state"]
+    with torch.no_grad():
+        if l > 0:
+            _, state = q_network(obs[:l], prev_action[:l], prev_reward[:l], first[:l], state)
+        q_target, _ = target_network(obs, prev_action, prev_reward, first, batch["initial_state"])  # (W, B, A)
+    q_online, _ = q_network(obs[l:], prev_action[l:], prev_reward[l:], first[l:], state)  # (m + n, B, A)
+    with torch.no_grad():
+        best_action = q_online.argmax(dim=-1, keepdim=True)  # double Q: online picks, target evaluates
+        bootstrap_q = q_target[l:].gather(-1, best_action).squeeze(-1)  # (m + n, B)
+        targets, mask = n_step_targets(batch["reward"][l:], batch["terminated"][l:], batch["truncated"][l:],
+                                       bootstrap_q, gamma, n_step, eps)  # (m, B)
+    q_taken = q_online[:m].gather(-1, batch["action"][l : l + m].unsqueeze(-1)).squeeze(-1)  # (m, B)
+    td = targets - q_taken
+    per_sequence = (0.5 * td.pow(2) * mask).sum(0)  # (B,) summed over the valid trained steps
+    loss = (batch["weights"] * per_sequence).mean()
+    abs_td = td.detach().abs().cpu().numpy()
+    priorities = sequence_priorities(abs_td, mask.cpu().numpy(), priority_eta)
+    valid = mask.sum().clamp(min=1.0)
+    stats = {"td_loss": float((0.5 * td.detach().pow(2) * mask).sum() / valid),
+             "q_values": float((q_taken.detach() * mask).sum() / valid)}
+    return loss, priorities, stats
+
+
+def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int = 1) -> dict[str, torch.Tensor]:
+    """numpy SequenceBatch -> dict of tensors on ``device``; frame stacks are rebuilt there."""
+    names = ["obs", "action", "reward", "first", "terminated", "truncated", "prev_action", "prev_reward",
+             "initial_state", "weights"]
+    out = {name: torch.as_tensor(getattr(batch, name)).to(device, non_blocking=True) for name in names}
+    if frame_stack > 1:
+        frame_first = torch.as_tensor(batch.frame_first).to(device, non_blocking=True)
+        out["obs"] = stack_frames(out["obs"], frame_first, frame_stack)  # (W, B, stack, H, W)
+    return out
+
+
+# ALGO LOGIC: one learner update
+def update(q_network: RNNQNetwork, target_network: RNNQNetwork, optimizer: torch.optim.Optimizer,
+           batch: dict[str, torch.Tensor], args: Args, updates: int, stop: StopRequest) -> tuple[np.ndarray, dict]:
+    """One Adam step on the R2D2 loss of ``batch``, gradients clipped to --max-grad-norm; every
+    --target-network-update-period updates (``updates`` counts this one) the target network copies
+    the online one. Ctrl-C during the forward and backward pass abandons the update, unapplied
+    (StopRun). Returns the batch's new priorities (B,) and floats for logging."""
+    with stop.interruptible(q_network, target_network):
+        loss, priorities, stats = r2d2_loss(q_network, target_network, batch, args.burn_in_length,
+                                            args.sequence_length, args.gamma, args.n_step,
+                                            args.value_rescaling_epsilon, args.priority_eta)
+        optimizer.zero_grad()
+        loss.backward()
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm))
+    optimizer.step()
+    if updates % args.target_network_update_period == 0:
+        target_network.load_state_dict(q_network.state_dict())
+    stats["mean_priority"] = float(np.mean(priorities))
+    return priorities, stats
+
+
+def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: SequenceReplayBuffer, stats: dict,
+                epsilon: float, last: dict, args: Args) -> tuple[float, float]:
+    """The scalars of a log interval (README: Logged quantities); ``last`` holds the time, step,
+    update and sequence counts of the previous log and is updated. Returns the interval's SPS and
+    learner updates per second."""
+    dt = time.time() - last["time"]
+    sps, updates_per_second = (global_step - last["step"]) / dt, (updates - last["updates"]) / dt
+    writer.add_scalar("charts/SPS", sps, global_step)
+    writer.add_scalar("charts/epsilon", epsilon, global_step)
+    writer.add_scalar("charts/updates_per_second", updates_per_second, global_step)
+    writer.add_scalar("charts/learner_updates", updates, global_step)
+    writer.add_scalar("replay/size", replay.size, global_step)
+    writer.add_scalar("replay/sequences_added_per_second", (replay.num_sequences_added - last["added"]) / dt,
+                      global_step)
+    writer.add_scalar("replay/sequences_sampled_per_second", (updates - last["updates"]) * args.batch_size / dt,
+                      global_step)
+    writer.add_scalar("replay/replay_ratio", updates * args.batch_size * args.sequence_length / max(global_step, 1),
+                      global_step)
+    writer.add_scalar("replay/max_priority", replay.max_priority, global_step)
+    if stats:
+        writer.add_scalar("replay/mean_priority", stats["mean_priority"], global_step)
+        writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
+        writer.add_scalar("losses/q_values", stats["q_values"], global_step)
+        writer.add_scalar("losses/grad_norm", stats["grad_norm"], global_step)
+    last.update(time=time.time(), step=global_step, updates=updates, added=replay.num_sequences_added)
+    return sps, updates_per_second
+
+
+def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
+    """eval/* scalars of one evaluation."""
+    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
+    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
+    writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
 
 
 # PROCESS PLUMBING: the shared-memory layout, declared in one place
@@ -233,7 +537,8 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
 
     replay:   obs, action, reward, first, terminated, truncated (per env stream and step),
               stored_state, start_prev_action, start_prev_reward (per sequence), write_count
-    weights:  the learner's parameters as one float32 vector, and weights_version (its update count);
+    weights:  the learner's parameters as one float32 vector, and weights_version (its update
+              count; -1 until the first publication, which the actors wait for);
               weights_wanted: an actor asks for newer weights (the learner publishes only then)
     counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
     checkpoints: pause (the learner asks the actors to wait), actor_paused (each actor waits)
@@ -241,7 +546,7 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     """
     replay = SequenceReplayBuffer(**replay_kwargs, index=True, allocate=arrays.allocate)
     arrays.allocate("weights", (num_params,), np.float32)
-    arrays.allocate("weights_version", (1,), np.int64)
+    arrays.allocate("weights_version", (1,), np.int64)[0] = -1
     arrays.allocate("actor_steps", (num_actors,), np.int64)
     arrays.allocate("actor_weights_version", (num_actors,), np.int64)
     arrays.allocate("weights_wanted", (num_actors,), np.int64)
@@ -267,15 +572,28 @@ def load_published_weights(network: torch.nn.Module, weights: np.ndarray, versio
         return int(version[0])
 
 
-def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
-    return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
-                       args.head_hidden_size)
+def ignore_stop_signals() -> None:
+    """First lines of a child process: the learner handles Ctrl-C / SIGTERM for the whole run
+    (children start with them blocked, see Processes.spawn, and ignore them from here)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    torch.set_num_threads(1)
+
+
+def wait_for_weights(arrays: SharedArrays, parent_pid: int) -> bool:
+    """Wait until the learner has published its first weights (after resuming a checkpoint, if
+    any); False if the learner is gone."""
+    while arrays["weights_version"][0] < 0:
+        if os.getppid() != parent_pid:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 # ACTOR PROCESS
-def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_lock, stop_event,
-                  episode_queue, error_queue, observation_space, n_actions: int, parent_pid: int,
-                  seed_offset: int = 0) -> None:
+def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_lock, stop_event, episode_queue,
+          error_queue, observation_space, n_actions: int, parent_pid: int, seed_offset: int) -> None:
     """Step ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the network and
     write every step to the shared replay. Env j of this actor is stream / ε rung
     actor_id · num_envs_per_actor + j. Every ``actor_update_interval`` actor steps it asks for
@@ -283,13 +601,12 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
     ``pause`` flag is set (a checkpoint is being written), or once all actors together have
     taken ``total_timesteps`` steps, the actor waits between steps. ``seed_offset`` (the resumed
     step count, or the step of a restart) gives new episodes."""
-    for signum in STOP_SIGNALS:  # the learner handles Ctrl-C / SIGTERM (blocked until here, see main)
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    torch.set_num_threads(1)
+    ignore_stop_signals()
     arrays = SharedArrays.attach(layout)
     envs = None
     try:
+        if not wait_for_weights(arrays, parent_pid):
+            return
         E = args.num_envs_per_actor
         streams = actor_id * E + np.arange(E)
         epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[streams]
@@ -299,19 +616,17 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
         seed = args.seed + 1000 * (actor_id + 1) + seed_offset
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
-        atari = frame_stack_of(args.env_id) > 1
-        splits = args.env_splits if atari else 1
+        splits = args.env_splits if frame_stack_of(args.env_id) > 1 else 1
         # with splits, the env threads run ahead in the background: the policy thread comes first
         threads = args.env_threads or default_env_threads(args.num_actors)
         envs = make_vector_env(args.env_id, E, seed, num_splits=splits, num_threads=threads,
                                thread_niceness=10 if splits > 1 else 0)
-
         acting_version = arrays["actor_weights_version"][actor_id : actor_id + 1]
         wanted = arrays["weights_wanted"][actor_id : actor_id + 1]
         acting_version[0] = load_published_weights(net, weights, version, weights_lock)
-        actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
+        env_actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
         steps_since_refresh = 0  # actor steps (batched forward passes)
-        steps_before = int(arrays["actor_steps"][actor_id])  # a resumed run continues the count
+        steps_before = int(arrays["actor_steps"][actor_id])  # a resumed or restarted actor continues the count
         pause, paused, learner_behind = arrays["pause"], arrays["actor_paused"], arrays["learner_behind"]
         all_steps = arrays["actor_steps"][: args.num_actors]
 
@@ -327,9 +642,9 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
                     time.sleep(0.002)
                 paused[actor_id] = 0
                 continue
-            for _, episodic_return, episodic_length in actor.step():
-                episode_queue.put((actor_id, episodic_return, episodic_length))
-            arrays["actor_steps"][actor_id] = steps_before + actor.env_steps
+            for _, episodic_return, episodic_length in env_actor.step():
+                episode_queue.put((episodic_return, episodic_length))
+            arrays["actor_steps"][actor_id] = steps_before + env_actor.env_steps
             steps_since_refresh += 1
             if steps_since_refresh >= args.actor_update_interval:
                 wanted[0] = 1  # the learner publishes its next update for us
@@ -346,17 +661,14 @@ def actor_process(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, 
 
 
 # EVALUATOR PROCESS
-def evaluator_process(args: Args, layout: dict, weights_lock, requests, results, error_queue, observation_space,
-                      n_actions: int, parent_pid: int) -> None:
+def evaluator(args: Args, layout: dict, weights_lock, requests, results, error_queue, observation_space,
+              n_actions: int, parent_pid: int) -> None:
     """For each request (the env step to log it at), play ``eval_episodes`` episodes with
     ε = ``eval_epsilon`` on a CPU copy of the latest published weights and put
     (step, weights version, returns (episodes,) float64) on ``results``. It runs beside the
     learner at a lower CPU priority (nice 10), so learning never waits for an evaluation; a
     ``None`` request, or a learner that is gone, ends it."""
-    for signum in STOP_SIGNALS:  # the learner handles Ctrl-C / SIGTERM (blocked until here, see main)
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    torch.set_num_threads(1)
+    ignore_stop_signals()
     try:
         os.nice(10)
     except OSError:  # not allowed here: it keeps the normal priority
@@ -380,6 +692,124 @@ def evaluator_process(args: Args, layout: dict, weights_lock, requests, results,
         raise SystemExit(1)
     finally:
         arrays.close()
+
+
+class Processes:
+    """The child processes of a run (main's plumbing): starts the actors and the evaluator,
+    restarts an actor that dies (up to --max-actor-restarts), carries their queues, and stops
+    them all. Children are started with SIGINT and SIGTERM blocked (see ``spawn``)."""
+
+    def __init__(self, args: Args, arrays: SharedArrays, replay_kwargs: dict, observation_space, n_actions: int):
+        self.args, self.arrays, self.replay_kwargs = args, arrays, replay_kwargs
+        self.observation_space, self.n_actions = observation_space, n_actions
+        self.ctx = mp.get_context("spawn")
+        self.weights_lock, self.stop_event = self.ctx.Lock(), self.ctx.Event()
+        # one episode queue per actor: an actor killed while it writes to its queue can leave the
+        # queue's write lock held, which would silence every other actor sharing it
+        self.episode_queues = [self.ctx.Queue() for _ in range(args.num_actors)]
+        self.error_queue, self.eval_requests, self.eval_results = self.ctx.Queue(), self.ctx.Queue(), self.ctx.Queue()
+        self.actors: list = []
+        self.evaluator = None
+        self.restarts, self.checked_at, self.reported_errors = 0, 0.0, []
+
+    def spawn(self, target, name: str, *process_args):
+        # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
+        # learner must act on it (it pauses the actors for a last checkpoint, then stops them).
+        # Children start with SIGINT and SIGTERM blocked (the mask is inherited through exec,
+        # before Python even loads) and ignore them from their first line. Blocked, not ignored,
+        # here too: a stop that arrives during the spawn (about a second) is not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process = self.ctx.Process(target=target, name=name, daemon=True, args=process_args)
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return process
+
+    def start_actor(self, actor_id: int, seed_offset: int):
+        return self.spawn(actor, f"actor-{actor_id}", actor_id, self.args, self.arrays.layout, self.replay_kwargs,
+                          self.weights_lock, self.stop_event, self.episode_queues[actor_id], self.error_queue,
+                          self.observation_space, self.n_actions, os.getpid(), seed_offset)
+
+    def start(self, seed_offset: int) -> None:
+        """Start every actor (they wait for the learner's first weights) and the evaluator."""
+        self.actors = [self.start_actor(actor_id, seed_offset) for actor_id in range(self.args.num_actors)]
+        if self.args.eval_episodes > 0:
+            self.evaluator = self.spawn(evaluator, "evaluator", self.args, self.arrays.layout, self.weights_lock,
+                                        self.eval_requests, self.eval_results, self.error_queue,
+                                        self.observation_space, self.n_actions, os.getpid())
+
+    def traceback_of(self, process) -> str:
+        """The traceback a dead process reported, or its exit code if it reported none (a signal)."""
+        deadline = time.time() + 2.0
+        while True:
+            for i, (name, trace) in enumerate(self.reported_errors):
+                if name == process.name:
+                    return self.reported_errors.pop(i)[1]
+            try:
+                self.reported_errors.append(self.error_queue.get(timeout=max(0.0, deadline - time.time())))
+            except queue.Empty:
+                return f"exit code {process.exitcode} (no traceback: killed by a signal?)"
+
+    def supervise(self, global_step: int, cut_streams, writer: SummaryWriter) -> None:
+        """Restart an actor that died: ``cut_streams(streams)`` marks where its env streams stopped,
+        then a new process takes them over; one death more than --max-actor-restarts, or a dead
+        evaluator, raises StopRun. Checks every 0.2 s at most."""
+        if time.monotonic() - self.checked_at < 0.2:
+            return
+        self.checked_at = time.monotonic()
+        for actor_id, p in enumerate(self.actors):
+            if p.exitcode is None:
+                continue
+            trace = self.traceback_of(p)
+            if self.restarts >= self.args.max_actor_restarts:
+                raise StopRun(f"{p.name} died ({self.restarts} of --max-actor-restarts "
+                              f"{self.args.max_actor_restarts} restarts used):\n{trace}")
+            self.restarts += 1
+            print(f"r2d2_mp.py: {p.name} died at step {global_step:,}; restart {self.restarts} of "
+                  f"{self.args.max_actor_restarts}:\n{trace}", file=sys.stderr, flush=True)
+            writer.add_text("actor_restarts", f"step {global_step}: {p.name} died\n\n    "
+                            + trace.replace("\n", "\n    "), global_step)
+            # a copy of the weights takes milliseconds: a lock still held after 2 s was the dead
+            # actor's (any process may release a multiprocessing lock)
+            if not self.weights_lock.acquire(timeout=2.0):
+                print(f"r2d2_mp.py: {p.name} died holding the weights lock; released", file=sys.stderr, flush=True)
+            self.weights_lock.release()
+            E = self.args.num_envs_per_actor
+            cut_streams(actor_id * E + np.arange(E))
+            self.arrays["actor_paused"][actor_id] = 0
+            self.arrays["weights_wanted"][actor_id] = 0
+            self.episode_queues[actor_id].cancel_join_thread()  # the dead actor may have left it locked
+            self.episode_queues[actor_id] = self.ctx.Queue()
+            self.actors[actor_id] = self.start_actor(actor_id, global_step + self.restarts)
+        if self.evaluator is not None and self.evaluator.exitcode is not None:
+            raise StopRun(f"the evaluator died:\n{self.traceback_of(self.evaluator)}")
+
+    def episodes(self):
+        """(return, length) of every episode the actors have finished since the last call."""
+        for episode_queue in self.episode_queues:
+            while True:
+                try:
+                    yield episode_queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def stop(self) -> None:
+        """Stop every child: the actors at their next step, the evaluator after the evaluation in
+        progress; what has not exited after 5 s is killed."""
+        self.stop_event.set()
+        children = self.actors + ([self.evaluator] if self.evaluator is not None else [])
+        self.eval_requests.put(None)
+        deadline = time.time() + 5
+        for p in children:
+            p.join(timeout=max(0.0, deadline - time.time()))
+        for p in children:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2)
+        for q in (*self.episode_queues, self.error_queue, self.eval_requests, self.eval_results):
+            q.cancel_join_thread()
+            q.close()
 
 
 # LEARNER: prefetch thread
@@ -423,46 +853,28 @@ class Prefetcher(threading.Thread):
         except BaseException as e:  # handed to the learner, which stops the run
             self.error = e
 
-
-def check_args(args: Args) -> None:
-    """r2d2.py's checks with this script's integer fields; one-line ValueError."""
-    r2d2_check_args(args, positive=("total_timesteps", "num_actors", "env_splits",
-                                    "actor_update_interval", "hidden_size", "torso_size", "head_hidden_size", "buffer_size",
-                                    "sequence_length", "batch_size", "n_step", "target_network_update_period"))
-    if args.log_interval <= 0:
-        raise ValueError(f"--log-interval must be > 0, got {args.log_interval}")
-    for name in ("num_envs_per_actor", "env_threads", "max_actor_restarts"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 <= args.min_replay_ratio <= args.replay_ratio:
-        raise ValueError(f"--min-replay-ratio must be in [0, --replay-ratio={args.replay_ratio}], "
-                         f"got {args.min_replay_ratio}")
+    def next_batch(self, stop: StopRequest) -> SequenceBatch:
+        """The next prefetched batch; stop requests and prefetch errors are raised while waiting."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                return self.batches.get(timeout=0.1)
+            except queue.Empty:
+                stop.check()
 
 
-# arguments a resumed run may change on its command line; every other one comes from the checkpoint
-RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts")
-
-
-def main(args: Args, argv: list[str] | None = None) -> int:
-    try:
-        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
-        check_args(args)
-        observation_space, n_actions = check_env_id(args.env_id)
-        frame_stack = frame_stack_of(args.env_id)
-        envs_per_actor_given = args.num_envs_per_actor > 0
-        args = dataclasses.replace(args, num_envs_per_actor=resolve_envs_per_actor(args, frame_stack))
-        if frame_stack > 1 and args.num_envs_per_actor % args.env_splits:
-            raise ValueError(f"--env-splits ({args.env_splits}) must divide --num-envs-per-actor "
-                             f"({args.num_envs_per_actor})")
-    except ValueError as e:
-        raise SystemExit(f"r2d2_mp.py: error: {e}") from None
+# LEARNER PROCESS (the main process)
+def learner(args: Args, run_name: str, checkpoint: dict | None, replay: SequenceReplayBuffer, arrays: SharedArrays,
+            processes: Processes, observation_space, n_actions: int, frame_stack: int, stop: StopRequest) -> int:
+    """Train on the replay the actors fill; returns the exit code (0, 1, or 128 + signal)."""
+    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)  # replay sampling (the prefetch thread's)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
@@ -470,345 +882,118 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     target_network = make_network(args, observation_space, n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
-    num_params = parameters_to_vector(q_network.parameters()).numel()
+    epsilons = epsilon_ladder(args.num_actors * args.num_envs_per_actor, args.epsilon_base, args.epsilon_alpha)
+    actor_steps = arrays["actor_steps"][: args.num_actors]
 
-    replay_kwargs = replay_arguments(args, observation_space, q_network.state_size, frame_stack)
-    try:
-        replay_bytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
-    except ValueError as e:
-        raise SystemExit(f"r2d2_mp.py: error: {e}") from None
-    free = available_memory_bytes()
-    if replay_bytes > 0.9 * free:
-        raise SystemExit(f"r2d2_mp.py: error: a replay of {args.buffer_size:,} observations needs "
-                         f"{replay_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is free; "
-                         f"lower --buffer-size")
-
-    if checkpoint is not None:
-        run_name = checkpoint["run_name"]
-    else:
-        run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
-    # the loop's counters (checkpointed)
+    # the loop's counters (checkpointed, so that a resumed run continues exactly)
     progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
-                "next_eval": args.eval_interval if args.eval_interval > 0 else None,
+                "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
                 "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
-    ctx = mp.get_context("spawn")
-    arrays = SharedArrays()
-    stop_event = ctx.Event()
-    weights_lock = ctx.Lock()
-    # one episode queue per actor: an actor killed while it writes to its queue can leave the
-    # queue's write lock held, which would silence every other actor sharing it
-    episode_queues, error_queue = [ctx.Queue() for _ in range(args.num_actors)], ctx.Queue()
-    eval_requests, eval_results = ctx.Queue(), ctx.Queue()
-    actors: list = []
-    evaluator = None
-    prefetcher = None
-    writer = None
-
-    # Ctrl-C and SIGTERM only record the request; the main loop stops at its next check. An
-    # exception raised asynchronously inside library code (tensorboard's writer, a queue) can
-    # leave it blocked forever in the clean-up.
-    stop_request: list[str] = []
-
-    def request_stop(signum, frame):
-        stop_request.append("interrupted (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM")
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def check_stop() -> None:
-        """Raise StopRun on a stop request (Ctrl-C, SIGTERM)."""
-        if stop_request:
-            raise StopRun(stop_request[0])
-
-    # A CPU update on Atari takes tens of seconds (a few big ops), so the stop check also runs
-    # at every module call and every parameter gradient: a stop waits for one op, not one update.
-    # Raised before optimizer.step, it leaves the weights as the last finished update left them.
-    for network in (q_network, target_network):
-        for module in network.modules():
-            module.register_forward_pre_hook(lambda *_: check_stop())
-    for parameter in q_network.parameters():
-        parameter.register_hook(lambda grad: check_stop())
-
-    def start_process(target, name: str, *process_args):
-        # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
-        # learner must act on it (it pauses the actors for a last checkpoint, then stops them).
-        # Children start with SIGINT and SIGTERM blocked (the mask is inherited through exec,
-        # before Python even loads) and ignore them from their first line. Blocked, not ignored,
-        # here too: a stop that arrives during the spawn (about a second) waits for the learner
-        # instead of being lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    recent_returns: deque[float] = deque(maxlen=20)
+    if checkpoint is not None:
         try:
-            process = ctx.Process(target=target, name=name, daemon=True, args=process_args)
-            process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        return process
+            load_learner_state(checkpoint, q_network, target_network, optimizer)
+            progress.update(checkpoint["progress"])
+            recent_returns.extend(checkpoint["recent_returns"])
+            if checkpoint["replay"] is not None:
+                replay.load_state_dict(from_storable(checkpoint["replay"]))
+            else:  # an empty replay: learning starts again after learning_starts new steps
+                progress.update(learn_from=progress["global_step"] + args.learning_starts,
+                                updates_base=progress["updates"])
+            actor_steps[:] = checkpoint["actor_steps"].numpy()
+            replay.truncate_streams()  # the actors' envs (ale-py's cannot be saved) start new episodes
+            restore_rng_states(checkpoint["rng"], rng)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"r2d2_mp.py: error: checkpoint {args.resume!r} does not fit this run: {first_line[:160]}") \
+                from None
+        print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)")
+        del checkpoint  # the replay copy can be large
+    prefetcher = Prefetcher(replay, args.batch_size, rng)
+    weights = Publisher(q_network, arrays, processes.weights_lock, args.num_actors)
 
-    def start_actor(actor_id: int, seed_offset: int):
-        return start_process(actor_process, f"actor-{actor_id}", actor_id, args, arrays.layout, replay_kwargs,
-                             weights_lock, stop_event, episode_queues[actor_id], error_queue, observation_space,
-                             n_actions, os.getpid(), seed_offset)
+    def cut_streams(streams: np.ndarray) -> None:  # no n-step return or window state runs across the cut
+        with prefetcher.lock:
+            replay.truncate_streams(streams)
 
-    reported_errors: list[tuple[str, str]] = []  # (process name, traceback) from error_queue
+    def write_checkpoint(final: bool = False) -> None:
+        with paused(arrays, processes, prefetcher, lambda: processes.supervise(global_step, cut_streams, writer), final):
+            progress.update(global_step=int(actor_steps.sum()), elapsed=time.time() - start_time)
+            atomic_save({
+                "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args), "progress": dict(progress),
+                **learner_state(q_network, target_network, optimizer), "rng": rng_states(rng),
+                "recent_returns": list(recent_returns), "actor_steps": torch.from_numpy(actor_steps.copy()),
+                "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
+            }, checkpoint_file)
+        print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
 
-    def traceback_of(process) -> str:
-        """The traceback a dead process reported, or its exit code if it reported none (a signal)."""
-        deadline = time.time() + 2.0
-        while True:
-            for i, (name, trace) in enumerate(reported_errors):
-                if name == process.name:
-                    return reported_errors.pop(i)[1]
-            try:
-                reported_errors.append(error_queue.get(timeout=max(0.0, deadline - time.time())))
-            except queue.Empty:
-                return f"exit code {process.exitcode} (no traceback: killed by a signal?)"
+    # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"] else None)
+    if progress["global_step"] == 0:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    with open(f"runs/{run_name}/args.json", "w") as f:  # read back by analysis.py and the notebooks
+        json.dump(vars(args), f, indent=1)
+    prefetcher.start()
+    weights.publish(progress["updates"], force=True)  # the actors start acting
 
-    supervision = {"checked_at": 0.0, "restarts": 0}
-
-    def supervise(global_step: int) -> None:
-        """Restart an actor that died (its env streams are cut where it stopped), up to
-        --max-actor-restarts per run; one death more, or a dead evaluator, stops the run."""
-        if time.monotonic() - supervision["checked_at"] < 0.2:
-            return
-        supervision["checked_at"] = time.monotonic()
-        for actor_id, p in enumerate(actors):
-            if p.exitcode is None:
-                continue
-            trace = traceback_of(p)
-            if supervision["restarts"] >= args.max_actor_restarts:
-                raise StopRun(f"{p.name} died ({supervision['restarts']} of --max-actor-restarts "
-                              f"{args.max_actor_restarts} restarts used):\n{trace}")
-            supervision["restarts"] += 1
-            print(f"r2d2_mp.py: {p.name} died at step {global_step:,}; restart {supervision['restarts']} of "
-                  f"{args.max_actor_restarts}:\n{trace}", file=sys.stderr, flush=True)
-            # a copy of the weights takes milliseconds: a lock still held after 2 s was the dead
-            # actor's (any process may release a multiprocessing lock)
-            if weights_lock.acquire(timeout=2.0):
-                weights_lock.release()
-            else:
-                weights_lock.release()
-                print(f"r2d2_mp.py: {p.name} died holding the weights lock; released", file=sys.stderr, flush=True)
-            streams = actor_id * args.num_envs_per_actor + np.arange(args.num_envs_per_actor)
-            with prefetcher.lock:  # no n-step return or window state runs across the cut
-                replay.truncate_streams(streams)
-            episode_queues[actor_id].cancel_join_thread()  # the dead actor may have left it locked
-            episode_queues[actor_id] = ctx.Queue()
-            arrays["actor_paused"][actor_id] = 0
-            arrays["weights_wanted"][actor_id] = 0
-            actors[actor_id] = start_actor(actor_id, global_step + supervision["restarts"])
-            writer.add_text("actor_restarts", f"step {global_step}: {p.name} died\n\n    "
-                            + trace.replace("\n", "\n    "), global_step)
-        if evaluator is not None and evaluator.exitcode is not None:
-            raise StopRun(f"the evaluator died:\n{traceback_of(evaluator)}")
-
-    exit_code = 0
+    start_time = time.time() - progress["elapsed"]
+    last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
+            "added": replay.num_sequences_added, "actor_steps": actor_steps.copy(), "actor_time": time.time(),
+            "sample_wait": 0.0, "dropped": 0}
+    global_step, updates, stats = progress["global_step"], progress["updates"], {}
+    evaluation = Evaluations(processes, weights, writer, start_time)
     try:
-        replay = create_shared_memory(arrays, replay_kwargs, num_params, args.num_actors)
-        weights, version = arrays["weights"], arrays["weights_version"]
-        weights_wanted = arrays["weights_wanted"][: args.num_actors]
-        published = {"version": -1}
-
-        def publish_weights(updates: int, force: bool = False) -> None:
-            """Publish newer weights when an actor has asked for them (or ``force``): no more often
-            than the actors can use them, and no GPU synchronisation after every update."""
-            if updates != published["version"] and (force or weights_wanted.any()):
-                publish(q_network, weights, version, weights_lock, updates)
-                published["version"] = updates
-
-        learner_rng = np.random.default_rng(args.seed)  # the prefetch thread's sampling
-        if checkpoint is not None:
-            try:
-                load_learner_state(checkpoint, q_network, target_network, optimizer)
-                progress.update(checkpoint["progress"])
-                arrays["actor_steps"][:] = checkpoint["actor_steps"].numpy()
-                if checkpoint["replay"] is not None:
-                    replay.load_state_dict(from_storable(checkpoint["replay"]))
-                    replay.truncate_streams()  # the actors' envs start new episodes
-                else:  # an empty replay: learning starts again after learning_starts new steps
-                    progress.update(learn_from=progress["global_step"] + args.learning_starts,
-                                    updates_base=progress["updates"])
-                restore_rng_states(checkpoint["rng"], learner_rng)
-            except (KeyError, RuntimeError, ValueError, TypeError) as e:
-                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise SystemExit(f"r2d2_mp.py: error: checkpoint {args.resume!r} does not fit this run: "
-                                 f"{first_line[:160]}") from None
-            print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)",
-                  flush=True)
-            del checkpoint
-        publish_weights(progress["updates"], force=True)
-        envs_note = "" if envs_per_actor_given else " (default)"
-        print(f"run {run_name}: {parameter_count(q_network):,} parameters, learner on {device}, "
-              f"{args.num_actors} actors × {args.num_envs_per_actor} envs{envs_note}, replay {args.buffer_size:,} "
-              f"observations = {replay_bytes / 2**30:.2f} GiB in shared memory, {replay.capacity_per_stream:,} per "
-              f"env stream", flush=True)
-        for actor_id in range(args.num_actors):
-            actors.append(start_actor(actor_id, progress["global_step"]))
-        if args.eval_episodes > 0:
-            evaluator = start_process(evaluator_process, "evaluator", args, arrays.layout, weights_lock, eval_requests,
-                                      eval_results, error_queue, observation_space, n_actions, os.getpid())
-
-        # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"]
-                               else None)
-        if progress["global_step"] == 0:
-            writer.add_text("hyperparameters",
-                            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        prefetcher = Prefetcher(replay, args.batch_size, learner_rng)
-        prefetcher.start()
-
-        actor_steps = arrays["actor_steps"][: args.num_actors]
-        start_time = time.time() - progress["elapsed"]
-        last_log_time = time.time()
-        last = {"steps": actor_steps.copy(), "updates": progress["updates"], "added": 0}
-        updates, sample_wait, dropped_windows, recent_returns = progress["updates"], 0.0, 0, deque(maxlen=20)
-        trained_per_update = args.batch_size * args.sequence_length
-        global_step = progress["global_step"]
-        stats = {}
-        evaluation = {}  # the evaluation in progress: global_step, updates and wall-clock when asked
-
-        def request_evaluation(global_step: int, updates: int) -> None:
-            """The evaluator plays episodes with the weights of this update, beside the learner."""
-            publish_weights(updates, force=True)
-            eval_requests.put(global_step)
-            evaluation.update(global_step=global_step, updates=updates, wall_clock=time.time() - start_time)
-            progress["evaluated_at"] = updates
-
-        def collect_evaluation(updates: int, timeout: float = 0.0) -> None:
-            try:
-                global_step, weights_version, returns = eval_results.get(timeout=timeout) if timeout \
-                    else eval_results.get_nowait()
-            except queue.Empty:
-                return
-            write_evaluation(writer, returns, global_step, evaluation["wall_clock"])
-            print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} (weights of update "
-                  f"{weights_version:,}, {evaluation['wall_clock']:.0f}s; the learner did "
-                  f"{updates - evaluation['updates']:,} updates while it ran)", flush=True)
-            evaluation.clear()
-
-        def wait_for_evaluation(updates: int) -> None:
-            while evaluation:
-                check_stop()
-                supervise(global_step)
-                collect_evaluation(updates, timeout=0.1)
-
-        def write_checkpoint(final: bool = False) -> None:
-            """Pause the actors between steps and the prefetch thread, then save the run."""
-            arrays["pause"][0] = 1
-            try:
-                deadline = time.time() + 120
-                while not arrays["actor_paused"][: args.num_actors].all():
-                    if final and any(p.exitcode is not None for p in actors) or time.time() > deadline:
-                        raise StopRun("an actor died or did not pause for the checkpoint")
-                    if not final:
-                        supervise(int(actor_steps.sum()))  # a restarted actor pauses too
-                    time.sleep(0.005)
-                with prefetcher.lock:
-                    prefetcher.apply_priority_updates()
-                    progress.update(global_step=int(actor_steps.sum()), updates=updates,
-                                    elapsed=time.time() - start_time)
-                    atomic_save({
-                        "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
-                        "progress": dict(progress), "actor_steps": torch.from_numpy(actor_steps.copy()),
-                        **learner_state(q_network, target_network, optimizer),
-                        "rng": rng_states(prefetcher.rng),
-                        "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
-                    }, checkpoint_file)
-            finally:
-                arrays["pause"][0] = 0
-            print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
-
         while global_step < args.total_timesteps:
-            check_stop()
-            supervise(global_step)
-            if prefetcher.error is not None:
-                raise prefetcher.error
-            for episode_queue in episode_queues:
-                while True:
-                    try:
-                        actor_id, episodic_return, episodic_length = episode_queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    recent_returns.append(episodic_return)
-                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            stop.check()
+            processes.supervise(global_step, cut_streams, writer)
+            for episodic_return, episodic_length in processes.episodes():
+                recent_returns.append(episodic_return)
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            global_step = progress["global_step"] = int(actor_steps.sum())
 
-            global_step = int(actor_steps.sum())
-            # ALGO LOGIC: train while the replay ratio allows, else let the actors catch up
+            # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
             learn_from = progress["learn_from"]
-            trained = (updates - progress["updates_base"]) * trained_per_update  # since learning (re)started
-            # the rate limit: the actors wait while the learner is below --min-replay-ratio (it can
-            # train then: it is below --replay-ratio and the replay holds sequences)
-            arrays["learner_behind"][0] = int(args.min_replay_ratio > 0 and global_step >= learn_from
-                                              and trained < args.min_replay_ratio * (global_step - learn_from)
-                                              and replay.num_valid_sequences > 0)
-            if global_step >= learn_from and trained <= args.replay_ratio * (global_step - learn_from):
+            trained = (updates - progress["updates_base"]) * args.batch_size * args.sequence_length
+            # the rate limit: the actors wait while the learner is below --min-replay-ratio
+            arrays["learner_behind"][0] = int(global_step >= learn_from and replay.num_valid_sequences > 0
+                                              and trained < args.min_replay_ratio * (global_step - learn_from))
+            if global_step >= learn_from and replay.num_valid_sequences > 0 and \
+                    trained <= args.replay_ratio * (global_step - learn_from):
                 t0 = time.time()
-                while True:
-                    try:
-                        batch = prefetcher.batches.get(timeout=0.1)
-                        break
-                    except queue.Empty:  # keep answering a stop request while waiting
-                        check_stop()
-                        supervise(global_step)
-                        if prefetcher.error is not None:
-                            raise prefetcher.error from None
-                sample_wait += time.time() - t0
-                dropped_windows += int((batch.sequence_ids < 0).sum())
-                loss, priorities, stats = r2d2_loss(
-                    q_network, target_network, batch_to_torch(batch, device, frame_stack), args.burn_in_length,
-                    args.sequence_length, args.gamma, args.n_step, args.value_rescaling_epsilon, args.priority_eta,
-                )
-                optimizer.zero_grad()
-                loss.backward()
-                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm))
-                optimizer.step()
+                batch = prefetcher.next_batch(stop)
+                last["sample_wait"] += time.time() - t0
+                last["dropped"] += int((batch.sequence_ids < 0).sum())  # overwritten while copied: weight 0
+                priorities, stats = update(q_network, target_network, optimizer, batch_to_torch(batch, device, frame_stack),
+                                           args, updates + 1, stop)
                 prefetcher.priority_updates.put((batch.indices, batch.sequence_ids, priorities))
-                updates += 1
-                if updates % args.target_network_update_period == 0:
-                    target_network.load_state_dict(q_network.state_dict())
+                updates = progress["updates"] = updates + 1
             else:
                 time.sleep(0.005)
-            publish_weights(updates)
-            collect_evaluation(updates)
+            weights.publish(updates)  # if an actor asked for newer weights
+            evaluation.collect(updates)
 
-            now = time.time()
-            if now - last_log_time >= args.log_interval:
-                dt = now - last_log_time
-                steps = actor_steps.copy()
-                global_step = int(steps.sum())
-                added = replay.num_sequences_added
-                writer.add_scalar("charts/SPS", (steps - last["steps"]).sum() / dt, global_step)
-                for actor_id in range(args.num_actors):
-                    writer.add_scalar(f"actors/SPS_actor_{actor_id}", (steps[actor_id] - last["steps"][actor_id]) / dt,
-                                      global_step)
-                writer.add_scalar("charts/updates_per_second", (updates - last["updates"]) / dt, global_step)
-                writer.add_scalar("charts/learner_updates", updates, global_step)
-                writer.add_scalar("charts/actor_restarts", supervision["restarts"], global_step)
-                writer.add_scalar("replay/size", replay.size, global_step)
-                writer.add_scalar("replay/sequences_added_per_second", (added - last["added"]) / dt, global_step)
-                writer.add_scalar("replay/sequences_sampled_per_second",
-                                  (updates - last["updates"]) * args.batch_size / dt, global_step)
-                writer.add_scalar("replay/replay_ratio", updates * trained_per_update / max(global_step, 1),
-                                  global_step)
-                writer.add_scalar("replay/max_priority", replay.max_priority, global_step)
-                writer.add_scalar("replay/dropped_windows", dropped_windows, global_step)
+            if global_step >= progress["next_log"]:
+                sps, updates_per_second = log_scalars(writer, global_step, updates, replay, stats,
+                                                      float(epsilons.mean()), last, args)
                 lag = updates - arrays["actor_weights_version"][: args.num_actors]
                 writer.add_scalar("charts/parameter_lag", float(lag.mean()), global_step)
-                writer.add_scalar("charts/sample_wait_seconds", sample_wait, global_step)
-                if stats:
-                    writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
-                    writer.add_scalar("losses/q_values", stats["q_values"], global_step)
-                    writer.add_scalar("losses/grad_norm", stats["grad_norm"], global_step)
+                sample_wait = log_actor_scalars(writer, global_step, actor_steps, processes.restarts, last)
                 mean_return = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:,}: SPS {(steps - last['steps']).sum() / dt:.0f}, updates {updates:,} "
-                      f"({(updates - last['updates']) / dt:.1f}/s), return {mean_return:.1f}, "
-                      f"replay {replay.size:,}, lag {lag.mean():.0f}, sample wait {sample_wait:.1f}s", flush=True)
-                last.update(steps=steps, updates=updates, added=added)
-                last_log_time, sample_wait, dropped_windows = now, 0.0, 0
+                print(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
+                      f"return {mean_return:.1f}, replay {replay.size:,}, lag {lag.mean():.0f}, "
+                      f"sample wait {sample_wait:.1f}s", flush=True)
+                while progress["next_log"] <= global_step:
+                    progress["next_log"] += args.log_interval
 
-            next_eval = progress["next_eval"]
-            if evaluator is not None and next_eval is not None and global_step >= next_eval and not evaluation:
-                request_evaluation(global_step, updates)  # one at a time: a due one waits for the last
+            # with --save-model the final evaluation is that of the saved model, after the loop
+            final_step = args.save_model and global_step >= args.total_timesteps
+            if args.eval_episodes > 0 and progress["next_eval"] is not None and global_step >= progress["next_eval"] \
+                    and not final_step and not evaluation.running:  # one at a time: a due one waits for the last
+                evaluation.request(global_step, updates)
+                progress["evaluated_at"] = updates
                 while progress["next_eval"] <= global_step:
                     progress["next_eval"] += args.eval_interval
 
@@ -817,48 +1002,176 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                     progress["next_checkpoint"] += args.checkpoint_interval
                 write_checkpoint()
 
-        wait_for_evaluation(updates)
-        writer.add_scalar("charts/learner_updates", updates, global_step)  # the final count, always
+        evaluation.wait(updates, stop, lambda: processes.supervise(global_step, cut_streams, writer))
+        if last["step"] != global_step:  # the final count, always
+            writer.add_scalar("charts/learner_updates", updates, global_step)
         if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
-            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
-                                    start_time, device)
-        elif evaluator is not None and progress["evaluated_at"] != updates:  # final weights not evaluated yet
-            request_evaluation(global_step, updates)
-            wait_for_evaluation(updates)
+            model_path = f"saved_models/{run_name}/model.pt"
+            save_model(model_path, q_network, args, observation_space, n_actions)
+            print(f"model saved to {model_path}")
+            if args.eval_episodes > 0:
+                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+                log_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
+                print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+                      f"(written to {result['output']})", flush=True)
+        elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
+            evaluation.request(global_step, updates)
+            evaluation.wait(updates, stop, lambda: processes.supervise(global_step, cut_streams, writer))
+        return 0
     except StopRun as e:
-        print(f"r2d2_mp.py: stopping: {e}", file=sys.stderr, flush=True)
-        interrupted = str(e).startswith("interrupted") or str(e) == "SIGTERM"
-        exit_code = (130 if str(e).startswith("interrupted") else 143) if interrupted else 1
-        if interrupted and args.checkpoint_interval > 0 and writer is not None:
+        print(f"r2d2_mp.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
+        if e.signum and args.checkpoint_interval > 0:
             try:
                 write_checkpoint(final=True)
                 print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
             except (StopRun, OSError, RuntimeError) as checkpoint_error:
                 print(f"r2d2_mp.py: no final checkpoint: {checkpoint_error}", file=sys.stderr, flush=True)
+        return e.exit_code
     finally:
-        stop_event.set()
-        if prefetcher is not None:
-            prefetcher.stop.set()
-            prefetcher.join(timeout=5)
-        children = actors + ([evaluator] if evaluator is not None else [])
-        eval_requests.put(None)  # the evaluator ends now, or after the evaluation in progress (killed after 5 s)
-        deadline = time.time() + 5
-        for p in children:
-            p.join(timeout=max(0.0, deadline - time.time()))
-        for p in children:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=2)
-        for q in (*episode_queues, error_queue, eval_requests, eval_results):
-            q.cancel_join_thread()
-            q.close()
-        if writer is not None:
-            writer.close()
+        prefetcher.stop.set()
+        prefetcher.join(timeout=5)
+        writer.close()
+
+
+def log_actor_scalars(writer: SummaryWriter, global_step: int, actor_steps: np.ndarray, restarts: int,
+                      last: dict) -> float:
+    """The multi-process scalars of a log interval: per-actor SPS, restarts, the learner's waits
+    for batches (returned, in seconds) and the windows dropped from them; ``last`` as log_scalars'."""
+    dt = time.time() - last["actor_time"]
+    steps = actor_steps.copy()
+    for actor_id, (now, before) in enumerate(zip(steps, last["actor_steps"])):
+        writer.add_scalar(f"actors/SPS_actor_{actor_id}", (now - before) / dt, global_step)
+    writer.add_scalar("charts/actor_restarts", restarts, global_step)
+    writer.add_scalar("charts/sample_wait_seconds", last["sample_wait"], global_step)
+    writer.add_scalar("replay/dropped_windows", last["dropped"], global_step)
+    sample_wait = last["sample_wait"]
+    last.update(actor_steps=steps, actor_time=time.time(), sample_wait=0.0, dropped=0)
+    return sample_wait
+
+
+class Publisher:
+    """The learner's side of the weights in shared memory: publishes its parameters (with their
+    update count as version) when an actor has asked for newer ones, or when forced (the first
+    weights, an evaluation): no more often than the actors use them, and so no GPU
+    synchronisation after every update."""
+
+    def __init__(self, q_network: RNNQNetwork, arrays: SharedArrays, lock, num_actors: int):
+        self.q_network, self.lock = q_network, lock
+        self.weights, self.version = arrays["weights"], arrays["weights_version"]
+        self.wanted = arrays["weights_wanted"][:num_actors]
+        self.published = -1
+
+    def publish(self, updates: int, force: bool = False) -> None:
+        if updates != self.published and (force or self.wanted.any()):
+            publish(self.q_network, self.weights, self.version, self.lock, updates)
+            self.published = updates
+
+
+class Evaluations:
+    """The learner's side of the evaluator process: one evaluation at a time, of the weights
+    published for it, logged at the step it was asked for when its result comes back."""
+
+    def __init__(self, processes: Processes, weights: Publisher, writer: SummaryWriter, start_time: float):
+        self.processes, self.weights, self.writer, self.start_time = processes, weights, writer, start_time
+        self.running: dict = {}  # global_step, updates and wall-clock of the evaluation asked for
+
+    def request(self, global_step: int, updates: int) -> None:
+        self.weights.publish(updates, force=True)
+        self.processes.eval_requests.put(global_step)
+        self.running = {"global_step": global_step, "updates": updates, "wall_clock": time.time() - self.start_time}
+
+    def collect(self, updates: int, timeout: float = 0.0) -> None:
+        if not self.running:
+            return
+        try:
+            global_step, weights_version, returns = self.processes.eval_results.get(timeout=timeout) if timeout \
+                else self.processes.eval_results.get_nowait()
+        except queue.Empty:
+            return
+        log_evaluation(self.writer, returns, global_step, self.running["wall_clock"])
+        print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} (weights of update "
+              f"{weights_version:,}, {self.running['wall_clock']:.0f}s; the learner did "
+              f"{updates - self.running['updates']:,} updates while it ran)", flush=True)
+        self.running = {}
+
+    def wait(self, updates: int, stop: StopRequest, supervise) -> None:
+        while self.running:
+            stop.check()
+            supervise()
+            self.collect(updates, timeout=0.1)
+
+
+@contextlib.contextmanager
+def paused(arrays: SharedArrays, processes: Processes, prefetcher: Prefetcher, supervise, final: bool):
+    """Within the block every actor waits between two steps and the prefetch thread is idle, its
+    priority updates applied (for a checkpoint). A dead actor is restarted while waiting (it
+    pauses too), except in the ``final`` checkpoint of a stopped run, where it raises StopRun."""
+    arrays["pause"][0] = 1
+    try:
+        deadline = time.time() + 120
+        while not arrays["actor_paused"][: len(processes.actors)].all():
+            if final and any(p.exitcode is not None for p in processes.actors) or time.time() > deadline:
+                raise StopRun("an actor died or did not pause for the checkpoint")
+            if not final:
+                supervise()
+            time.sleep(0.005)
+        with prefetcher.lock:
+            prefetcher.apply_priority_updates()
+            yield
+    finally:
+        arrays["pause"][0] = 0
+
+
+def main(args: Args, argv: list[str] | None = None) -> int:
+    """Build the shared memory, start the actors and the evaluator, run the learner, and stop and
+    clean up everything however it ends; returns the exit code."""
+    try:  # everything that can refuse the arguments runs before anything is created
+        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
+        check_args(args)
+        observation_space, n_actions = check_env_id(args.env_id)
+        frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
+        envs_per_actor_given = args.num_envs_per_actor > 0
+        args = dataclasses.replace(args, num_envs_per_actor=resolve_envs_per_actor(args, frame_stack))
+        if frame_stack > 1 and args.num_envs_per_actor % args.env_splits:
+            raise ValueError(f"--env-splits ({args.env_splits}) must divide --num-envs-per-actor "
+                             f"({args.num_envs_per_actor})")
+        network = make_network(args, observation_space, n_actions)
+        replay_kwargs = replay_arguments(args, observation_space, network.state_size, frame_stack)
+        replay_bytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
+    except ValueError as e:
+        raise SystemExit(f"r2d2_mp.py: error: {e}") from None
+    free = available_memory_bytes()
+    if replay_bytes > 0.9 * free:
+        raise SystemExit(f"r2d2_mp.py: error: a replay of {args.buffer_size:,} observations needs "
+                         f"{replay_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is free; "
+                         f"lower --buffer-size")
+    if checkpoint is not None:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    arrays = SharedArrays()
+    stop = StopRequest()  # from here on, Ctrl-C and SIGTERM stop the run cleanly
+    processes = Processes(args, arrays, replay_kwargs, observation_space, n_actions)
+    try:
+        replay = create_shared_memory(arrays, replay_kwargs, parameters_to_vector(network.parameters()).numel(),
+                                      args.num_actors)
+        print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} actors × "
+              f"{args.num_envs_per_actor} envs{'' if envs_per_actor_given else ' (default)'}, replay "
+              f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
+              f"{replay.capacity_per_stream:,} per env stream", flush=True)
+        processes.start(seed_offset=checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
+        stop.check()  # a stop that came while they started
+        return learner(args, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,
+                       frame_stack, stop)
+    except StopRun as e:  # before the learner started
+        print(f"r2d2_mp.py: stopping: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        processes.stop()
         arrays.close()
         arrays.unlink()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    return exit_code
+        stop.restore()
 
 
 if __name__ == "__main__":

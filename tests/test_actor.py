@@ -7,7 +7,7 @@ import torch
 
 from r2d2_algo.envs import make_vector_env
 from r2d2_algo.model import RNNQNetwork
-from r2d2_algo.r2d2 import EnvActor
+from r2d2_algo.r2d2_mp import EnvActor
 from r2d2_algo.storage import SequenceReplayBuffer
 
 
