@@ -138,18 +138,35 @@ def checkpoint_path(path: str) -> str:
     return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
 
 
-def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer) -> dict:
-    """Online and target weights and the optimizer's state, for a checkpoint."""
+def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer, rng: np.random.Generator,
+                  progress: dict, recent_returns, replay, include_replay: bool = True) -> dict:
+    """What every variant's checkpoint holds of its learner: online and target weights, the
+    optimizer, the RNG states, the loop's counters (``progress``), the recent episodic returns
+    and, if ``include_replay``, the replay's contents and priorities."""
     return {"q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-            "optimizer": optimizer.state_dict()}
+            "optimizer": optimizer.state_dict(), "rng": rng_states(rng), "progress": dict(progress),
+            "recent_returns": list(recent_returns),
+            "replay": _numpy_to_torch(replay.state_dict()) if include_replay else None}
 
 
-def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_network: torch.nn.Module,
-                       optimizer) -> None:
-    """Inverse of ``learner_state`` (raises KeyError / RuntimeError when they do not fit)."""
+def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer,
+                       rng: np.random.Generator, progress: dict, recent_returns, replay, learning_starts: int) -> None:
+    """Inverse of ``learner_state``. Without a saved replay, learning starts again after
+    ``learning_starts`` new steps (``progress``'s learn_from and updates_base).
+
+    Raises:
+        KeyError, RuntimeError, ValueError, TypeError: a checkpoint that does not fit these objects.
+    """
     q_network.load_state_dict(checkpoint["q_network"])
     target_network.load_state_dict(checkpoint["target_network"])
     optimizer.load_state_dict(checkpoint["optimizer"])
+    progress.update(checkpoint["progress"])
+    recent_returns.extend(checkpoint["recent_returns"])
+    if checkpoint["replay"] is not None:
+        replay.load_state_dict(_torch_to_numpy(checkpoint["replay"]))
+    else:  # an empty replay: learning starts again after learning_starts new steps
+        progress.update(learn_from=progress["global_step"] + learning_starts, updates_base=progress["updates"])
+    restore_rng_states(checkpoint["rng"], rng)
 
 
 def rng_states(rng: np.random.Generator) -> dict:

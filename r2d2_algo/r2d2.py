@@ -37,9 +37,7 @@ from r2d2_algo.checkpoint import (
     learner_state,
     load_learner_state,
     pickled_envs,
-    restore_rng_states,
     resume_run,
-    rng_states,
     save_model,
     to_storable,
     unpickle_envs,
@@ -172,6 +170,15 @@ def check_args(args: Args) -> None:
 def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
     return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
                        args.head_hidden_size)
+
+
+def make_learner(args: Args, observation_space, n_actions: int, device: torch.device):
+    """The online network, the target network (a copy of it) and the online network's Adam."""
+    q_network = make_network(args, observation_space, n_actions).to(device)
+    target_network = make_network(args, observation_space, n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    return q_network, target_network, optimizer
 
 
 # ALGO LOGIC: acting
@@ -431,11 +438,46 @@ def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: S
     return sps, updates_per_second
 
 
+def initial_progress(args: Args) -> dict:
+    """The training loop's counters (checkpointed, so that a resumed run continues exactly)."""
+    return {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
+            "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
+            "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
+
+
+def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
+    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
+    arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
+    folder; the events logged after its checkpoint are purged."""
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
+    if global_step == 0:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    with open(f"runs/{run_name}/args.json", "w") as f:
+        json.dump(vars(args), f, indent=1)
+    return writer
+
+
 def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
     """eval/* scalars of one evaluation."""
     writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
     writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
     writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
+
+
+def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, observation_space, n_actions: int,
+                            writer: SummaryWriter, global_step: int, wall_clock: float, device) -> None:
+    """--save-model: write saved_models/{run_name}/model.pt, then evaluate the saved file as
+    evaluate.py does and log that as the run's final evaluation."""
+    model_path = f"saved_models/{run_name}/model.pt"
+    save_model(model_path, q_network, args, observation_space, n_actions)
+    print(f"model saved to {model_path}")
+    if args.eval_episodes > 0:
+        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+        log_evaluation(writer, np.array(result["returns"]), global_step, wall_clock)
+        print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+              f"(written to {result['output']})", flush=True)
 
 
 def main(args: Args, argv: list[str] | None = None) -> int:
@@ -465,29 +507,17 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)  # replay sampling and exploration
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    q_network = make_network(args, observation_space, n_actions).to(device)
-    target_network = make_network(args, observation_space, n_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)
     epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,) one rung per env
     actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed, device)
 
-    # the loop's counters (checkpointed, so that a resumed run continues exactly)
-    progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
-                "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
-                "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
+    progress = initial_progress(args)
     recent_returns: deque[float] = deque(maxlen=20)
     if checkpoint is not None:
         try:
-            load_learner_state(checkpoint, q_network, target_network, optimizer)
-            progress.update(checkpoint["progress"])
-            recent_returns.extend(checkpoint["recent_returns"])
-            if checkpoint["replay"] is not None:
-                replay.load_state_dict(from_storable(checkpoint["replay"]))
-            else:  # an empty replay: learning starts again after learning_starts new steps
-                progress.update(learn_from=progress["global_step"] + args.learning_starts,
-                                updates_base=progress["updates"])
+            load_learner_state(checkpoint, q_network, target_network, optimizer, rng, progress, recent_returns, replay,
+                               args.learning_starts)
             envs.close()
             if checkpoint["envs"] is not None:  # the envs exactly as they were: the run continues bit for bit
                 envs = actor.envs = unpickle_envs(checkpoint["envs"])
@@ -497,7 +527,6 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed + progress["global_step"], device)
                 replay.truncate_streams()
                 print("the envs could not be saved in the checkpoint (e.g. ale-py's): new episodes start here")
-            restore_rng_states(checkpoint["rng"], rng)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             envs.close()
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -509,21 +538,14 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     def write_checkpoint() -> None:
         progress["elapsed"] = time.time() - start_time
         atomic_save({
-            "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args), "progress": dict(progress),
-            **learner_state(q_network, target_network, optimizer), "rng": rng_states(rng),
-            "recent_returns": list(recent_returns), "actor": to_storable(actor.state_dict()), "envs": pickled_envs(envs),
-            "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
+            "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
+            **learner_state(q_network, target_network, optimizer, rng, progress, recent_returns, replay,
+                            args.checkpoint_replay),
+            "actor": to_storable(actor.state_dict()), "envs": pickled_envs(envs),
         }, checkpoint_file)
         tqdm.write(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}")
 
-    # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"] else None)
-    if progress["global_step"] == 0:
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
-    with open(f"runs/{run_name}/args.json", "w") as f:  # read back by analysis.py and the notebooks
-        json.dump(vars(args), f, indent=1)
+    writer = open_writer(run_name, args, progress["global_step"], epsilons)
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device}, replay "
           f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
 
@@ -586,14 +608,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         if last["step"] != global_step:  # the final count, always
             writer.add_scalar("charts/learner_updates", updates, global_step)
         if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
-            model_path = f"saved_models/{run_name}/model.pt"
-            save_model(model_path, q_network, args, observation_space, n_actions)
-            print(f"model saved to {model_path}")
-            if args.eval_episodes > 0:
-                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
-                log_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
-                print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
-                      f"(written to {result['output']})", flush=True)
+            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
+                                    time.time() - start_time, device)
         elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
             returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
                                   args.eval_epsilon)

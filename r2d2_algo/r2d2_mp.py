@@ -59,14 +59,10 @@ from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     atomic_save,
-    from_storable,
     learner_state,
     load_learner_state,
-    restore_rng_states,
     resume_run,
-    rng_states,
     save_model,
-    to_storable,
 )
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
@@ -220,6 +216,15 @@ def check_args(args: Args) -> None:
 def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
     return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
                        args.head_hidden_size)
+
+
+def make_learner(args: Args, observation_space, n_actions: int, device: torch.device):
+    """The online network, the target network (a copy of it) and the online network's Adam."""
+    q_network = make_network(args, observation_space, n_actions).to(device)
+    target_network = make_network(args, observation_space, n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    return q_network, target_network, optimizer
 
 
 # ALGO LOGIC: acting
@@ -489,11 +494,46 @@ def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: S
     return sps, updates_per_second
 
 
+def initial_progress(args: Args) -> dict:
+    """The training loop's counters (checkpointed, so that a resumed run continues exactly)."""
+    return {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
+            "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
+            "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
+
+
+def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
+    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
+    arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
+    folder; the events logged after its checkpoint are purged."""
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
+    if global_step == 0:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    with open(f"runs/{run_name}/args.json", "w") as f:
+        json.dump(vars(args), f, indent=1)
+    return writer
+
+
 def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
     """eval/* scalars of one evaluation."""
     writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
     writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
     writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
+
+
+def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, observation_space, n_actions: int,
+                            writer: SummaryWriter, global_step: int, wall_clock: float, device) -> None:
+    """--save-model: write saved_models/{run_name}/model.pt, then evaluate the saved file as
+    evaluate.py does and log that as the run's final evaluation."""
+    model_path = f"saved_models/{run_name}/model.pt"
+    save_model(model_path, q_network, args, observation_space, n_actions)
+    print(f"model saved to {model_path}")
+    if args.eval_episodes > 0:
+        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+        log_evaluation(writer, np.array(result["returns"]), global_step, wall_clock)
+        print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+              f"(written to {result['output']})", flush=True)
 
 
 # PROCESS PLUMBING: the shared-memory layout, declared in one place
@@ -711,6 +751,12 @@ class Processes:
         self.actors: list = []
         self.evaluator = None
         self.restarts, self.checked_at, self.reported_errors = 0, 0.0, []
+        self.cut_streams, self.writer = None, None  # set by the learner (attach)
+
+    def attach(self, cut_streams, writer: SummaryWriter) -> None:
+        """``cut_streams(streams)`` marks where a dead actor's env streams stopped; restarts are
+        logged to ``writer``."""
+        self.cut_streams, self.writer = cut_streams, writer
 
     def spawn(self, target, name: str, *process_args):
         # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
@@ -751,8 +797,8 @@ class Processes:
             except queue.Empty:
                 return f"exit code {process.exitcode} (no traceback: killed by a signal?)"
 
-    def supervise(self, global_step: int, cut_streams, writer: SummaryWriter) -> None:
-        """Restart an actor that died: ``cut_streams(streams)`` marks where its env streams stopped,
+    def supervise(self, global_step: int) -> None:
+        """Restart an actor that died: its env streams are cut where they stopped (``attach``),
         then a new process takes them over; one death more than --max-actor-restarts, or a dead
         evaluator, raises StopRun. Checks every 0.2 s at most."""
         if time.monotonic() - self.checked_at < 0.2:
@@ -768,15 +814,15 @@ class Processes:
             self.restarts += 1
             print(f"r2d2_mp.py: {p.name} died at step {global_step:,}; restart {self.restarts} of "
                   f"{self.args.max_actor_restarts}:\n{trace}", file=sys.stderr, flush=True)
-            writer.add_text("actor_restarts", f"step {global_step}: {p.name} died\n\n    "
-                            + trace.replace("\n", "\n    "), global_step)
+            self.writer.add_text("actor_restarts", f"step {global_step}: {p.name} died\n\n    "
+                                 + trace.replace("\n", "\n    "), global_step)
             # a copy of the weights takes milliseconds: a lock still held after 2 s was the dead
             # actor's (any process may release a multiprocessing lock)
             if not self.weights_lock.acquire(timeout=2.0):
                 print(f"r2d2_mp.py: {p.name} died holding the weights lock; released", file=sys.stderr, flush=True)
             self.weights_lock.release()
             E = self.args.num_envs_per_actor
-            cut_streams(actor_id * E + np.arange(E))
+            self.cut_streams(actor_id * E + np.arange(E))
             self.arrays["actor_paused"][actor_id] = 0
             self.arrays["weights_wanted"][actor_id] = 0
             self.episode_queues[actor_id].cancel_join_thread()  # the dead actor may have left it locked
@@ -825,6 +871,7 @@ class Prefetcher(threading.Thread):
         self.stop = threading.Event()
         self.lock = threading.Lock()  # held while the index is used; the learner takes it to checkpoint
         self.error: BaseException | None = None
+        self.wait_seconds, self.dropped_windows = 0.0, 0  # the learner's, since the last log
 
     def apply_priority_updates(self) -> None:
         while True:
@@ -853,15 +900,27 @@ class Prefetcher(threading.Thread):
         except BaseException as e:  # handed to the learner, which stops the run
             self.error = e
 
+    def truncate_streams(self, streams: np.ndarray) -> None:
+        """Cut these env streams where they stopped (a dead actor's): no n-step return or window
+        runs across the cut (SequenceReplayBuffer.truncate_streams, while no batch is sampled)."""
+        with self.lock:
+            self.replay.truncate_streams(streams)
+
     def next_batch(self, stop: StopRequest) -> SequenceBatch:
-        """The next prefetched batch; stop requests and prefetch errors are raised while waiting."""
+        """The next prefetched batch; stop requests and prefetch errors are raised while waiting.
+        Counts the time waited and the windows overwritten while they were copied (weight 0)."""
+        t0 = time.time()
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                return self.batches.get(timeout=0.1)
+                batch = self.batches.get(timeout=0.1)
+                break
             except queue.Empty:
                 stop.check()
+        self.wait_seconds += time.time() - t0
+        self.dropped_windows += int((batch.sequence_ids < 0).sum())
+        return batch
 
 
 # LEARNER PROCESS (the main process)
@@ -876,33 +935,18 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)  # replay sampling (the prefetch thread's)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
-    q_network = make_network(args, observation_space, n_actions).to(device)
-    target_network = make_network(args, observation_space, n_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     epsilons = epsilon_ladder(args.num_actors * args.num_envs_per_actor, args.epsilon_base, args.epsilon_alpha)
     actor_steps = arrays["actor_steps"][: args.num_actors]
 
-    # the loop's counters (checkpointed, so that a resumed run continues exactly)
-    progress = {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
-                "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
-                "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
+    progress = initial_progress(args)
     recent_returns: deque[float] = deque(maxlen=20)
     if checkpoint is not None:
         try:
-            load_learner_state(checkpoint, q_network, target_network, optimizer)
-            progress.update(checkpoint["progress"])
-            recent_returns.extend(checkpoint["recent_returns"])
-            if checkpoint["replay"] is not None:
-                replay.load_state_dict(from_storable(checkpoint["replay"]))
-            else:  # an empty replay: learning starts again after learning_starts new steps
-                progress.update(learn_from=progress["global_step"] + args.learning_starts,
-                                updates_base=progress["updates"])
+            load_learner_state(checkpoint, q_network, target_network, optimizer, rng, progress, recent_returns, replay,
+                               args.learning_starts)
             actor_steps[:] = checkpoint["actor_steps"].numpy()
             replay.truncate_streams()  # the actors' envs (ale-py's cannot be saved) start new episodes
-            restore_rng_states(checkpoint["rng"], rng)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SystemExit(f"r2d2_mp.py: error: checkpoint {args.resume!r} does not fit this run: {first_line[:160]}") \
@@ -912,42 +956,38 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
     prefetcher = Prefetcher(replay, args.batch_size, rng)
     weights = Publisher(q_network, arrays, processes.weights_lock, args.num_actors)
 
-    def cut_streams(streams: np.ndarray) -> None:  # no n-step return or window state runs across the cut
-        with prefetcher.lock:
-            replay.truncate_streams(streams)
-
-    def write_checkpoint(final: bool = False) -> None:
-        with paused(arrays, processes, prefetcher, lambda: processes.supervise(global_step, cut_streams, writer), final):
-            progress.update(global_step=int(actor_steps.sum()), elapsed=time.time() - start_time)
-            atomic_save({
-                "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args), "progress": dict(progress),
-                **learner_state(q_network, target_network, optimizer), "rng": rng_states(rng),
-                "recent_returns": list(recent_returns), "actor_steps": torch.from_numpy(actor_steps.copy()),
-                "replay": to_storable(replay.state_dict()) if args.checkpoint_replay else None,
-            }, checkpoint_file)
+    def write_checkpoint(final: bool = False) -> None:  # final: of a stopped run, where a failure only prints
+        try:
+            with paused(arrays, processes, prefetcher, final):
+                progress.update(global_step=int(actor_steps.sum()), elapsed=time.time() - start_time)
+                atomic_save({
+                    "format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
+                    **learner_state(q_network, target_network, optimizer, rng, progress, recent_returns, replay,
+                                    args.checkpoint_replay),
+                    "actor_steps": torch.from_numpy(actor_steps.copy()),
+                }, checkpoint_file)
+        except (StopRun, OSError, RuntimeError) as error:
+            if not final:
+                raise
+            return print(f"r2d2_mp.py: no final checkpoint: {error}", file=sys.stderr, flush=True)
         print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
+        if final:
+            print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 
-    # a resumed run continues its tensorboard folder; events logged after the checkpoint are purged
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=progress["global_step"] + 1 if progress["global_step"] else None)
-    if progress["global_step"] == 0:
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
-    with open(f"runs/{run_name}/args.json", "w") as f:  # read back by analysis.py and the notebooks
-        json.dump(vars(args), f, indent=1)
+    writer = open_writer(run_name, args, progress["global_step"], epsilons)
+    processes.attach(prefetcher.truncate_streams, writer)
     prefetcher.start()
     weights.publish(progress["updates"], force=True)  # the actors start acting
 
     start_time = time.time() - progress["elapsed"]
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
-            "added": replay.num_sequences_added, "actor_steps": actor_steps.copy(), "actor_time": time.time(),
-            "sample_wait": 0.0, "dropped": 0}
+            "added": replay.num_sequences_added, "actor_steps": actor_steps.copy(), "actor_time": time.time()}
     global_step, updates, stats = progress["global_step"], progress["updates"], {}
     evaluation = Evaluations(processes, weights, writer, start_time)
     try:
         while global_step < args.total_timesteps:
             stop.check()
-            processes.supervise(global_step, cut_streams, writer)
+            processes.supervise(global_step)
             for episodic_return, episodic_length in processes.episodes():
                 recent_returns.append(episodic_return)
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
@@ -962,10 +1002,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
                                               and trained < args.min_replay_ratio * (global_step - learn_from))
             if global_step >= learn_from and replay.num_valid_sequences > 0 and \
                     trained <= args.replay_ratio * (global_step - learn_from):
-                t0 = time.time()
                 batch = prefetcher.next_batch(stop)
-                last["sample_wait"] += time.time() - t0
-                last["dropped"] += int((batch.sequence_ids < 0).sum())  # overwritten while copied: weight 0
                 priorities, stats = update(q_network, target_network, optimizer, batch_to_torch(batch, device, frame_stack),
                                            args, updates + 1, stop)
                 prefetcher.priority_updates.put((batch.indices, batch.sequence_ids, priorities))
@@ -978,54 +1015,34 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             if global_step >= progress["next_log"]:
                 sps, updates_per_second = log_scalars(writer, global_step, updates, replay, stats,
                                                       float(epsilons.mean()), last, args)
-                lag = updates - arrays["actor_weights_version"][: args.num_actors]
-                writer.add_scalar("charts/parameter_lag", float(lag.mean()), global_step)
-                sample_wait = log_actor_scalars(writer, global_step, actor_steps, processes.restarts, last)
+                log_actor_scalars(writer, global_step, updates, arrays, processes.restarts, prefetcher, last)
                 mean_return = np.mean(recent_returns) if recent_returns else float("nan")
                 print(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
-                      f"return {mean_return:.1f}, replay {replay.size:,}, lag {lag.mean():.0f}, "
-                      f"sample wait {sample_wait:.1f}s", flush=True)
+                      f"return {mean_return:.1f}, replay {replay.size:,}, {last['status']}", flush=True)
                 while progress["next_log"] <= global_step:
                     progress["next_log"] += args.log_interval
 
-            # with --save-model the final evaluation is that of the saved model, after the loop
-            final_step = args.save_model and global_step >= args.total_timesteps
-            if args.eval_episodes > 0 and progress["next_eval"] is not None and global_step >= progress["next_eval"] \
-                    and not final_step and not evaluation.running:  # one at a time: a due one waits for the last
-                evaluation.request(global_step, updates)
-                progress["evaluated_at"] = updates
-                while progress["next_eval"] <= global_step:
-                    progress["next_eval"] += args.eval_interval
+            evaluation.request_if_due(global_step, updates, progress, args)
 
             if args.checkpoint_interval > 0 and global_step >= progress["next_checkpoint"]:
                 while progress["next_checkpoint"] <= global_step:
                     progress["next_checkpoint"] += args.checkpoint_interval
                 write_checkpoint()
 
-        evaluation.wait(updates, stop, lambda: processes.supervise(global_step, cut_streams, writer))
+        evaluation.wait(updates, stop)
         if last["step"] != global_step:  # the final count, always
             writer.add_scalar("charts/learner_updates", updates, global_step)
         if args.save_model:  # the final evaluation is that of the saved model, as evaluate.py does it
-            model_path = f"saved_models/{run_name}/model.pt"
-            save_model(model_path, q_network, args, observation_space, n_actions)
-            print(f"model saved to {model_path}")
-            if args.eval_episodes > 0:
-                result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
-                log_evaluation(writer, np.array(result["returns"]), global_step, time.time() - start_time)
-                print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
-                      f"(written to {result['output']})", flush=True)
+            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
+                                    time.time() - start_time, device)
         elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
-            evaluation.request(global_step, updates)
-            evaluation.wait(updates, stop, lambda: processes.supervise(global_step, cut_streams, writer))
+            evaluation.request(global_step, updates, progress)
+            evaluation.wait(updates, stop)
         return 0
     except StopRun as e:
         print(f"r2d2_mp.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
         if e.signum and args.checkpoint_interval > 0:
-            try:
-                write_checkpoint(final=True)
-                print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
-            except (StopRun, OSError, RuntimeError) as checkpoint_error:
-                print(f"r2d2_mp.py: no final checkpoint: {checkpoint_error}", file=sys.stderr, flush=True)
+            write_checkpoint(final=True)
         return e.exit_code
     finally:
         prefetcher.stop.set()
@@ -1033,20 +1050,23 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
         writer.close()
 
 
-def log_actor_scalars(writer: SummaryWriter, global_step: int, actor_steps: np.ndarray, restarts: int,
-                      last: dict) -> float:
-    """The multi-process scalars of a log interval: per-actor SPS, restarts, the learner's waits
-    for batches (returned, in seconds) and the windows dropped from them; ``last`` as log_scalars'."""
+def log_actor_scalars(writer: SummaryWriter, global_step: int, updates: int, arrays: SharedArrays, restarts: int,
+                      prefetcher: Prefetcher, last: dict) -> None:
+    """The multi-process scalars of a log interval: parameter lag, per-actor SPS, restarts, the
+    learner's waits for batches and the windows dropped from them; ``last`` as log_scalars', whose
+    "status" gets the lag and the wait for the status line."""
+    lag = updates - arrays["actor_weights_version"][: len(last["actor_steps"])]
+    writer.add_scalar("charts/parameter_lag", float(lag.mean()), global_step)
     dt = time.time() - last["actor_time"]
-    steps = actor_steps.copy()
+    steps = arrays["actor_steps"][: len(last["actor_steps"])].copy()
     for actor_id, (now, before) in enumerate(zip(steps, last["actor_steps"])):
         writer.add_scalar(f"actors/SPS_actor_{actor_id}", (now - before) / dt, global_step)
     writer.add_scalar("charts/actor_restarts", restarts, global_step)
-    writer.add_scalar("charts/sample_wait_seconds", last["sample_wait"], global_step)
-    writer.add_scalar("replay/dropped_windows", last["dropped"], global_step)
-    sample_wait = last["sample_wait"]
-    last.update(actor_steps=steps, actor_time=time.time(), sample_wait=0.0, dropped=0)
-    return sample_wait
+    writer.add_scalar("charts/sample_wait_seconds", prefetcher.wait_seconds, global_step)
+    writer.add_scalar("replay/dropped_windows", prefetcher.dropped_windows, global_step)
+    last["status"] = f"lag {lag.mean():.0f}, sample wait {prefetcher.wait_seconds:.1f}s"
+    last.update(actor_steps=steps, actor_time=time.time())
+    prefetcher.wait_seconds, prefetcher.dropped_windows = 0.0, 0
 
 
 class Publisher:
@@ -1075,10 +1095,21 @@ class Evaluations:
         self.processes, self.weights, self.writer, self.start_time = processes, weights, writer, start_time
         self.running: dict = {}  # global_step, updates and wall-clock of the evaluation asked for
 
-    def request(self, global_step: int, updates: int) -> None:
+    def request(self, global_step: int, updates: int, progress: dict) -> None:
         self.weights.publish(updates, force=True)
         self.processes.eval_requests.put(global_step)
         self.running = {"global_step": global_step, "updates": updates, "wall_clock": time.time() - self.start_time}
+        progress["evaluated_at"] = updates
+
+    def request_if_due(self, global_step: int, updates: int, progress: dict, args: Args) -> None:
+        """Every --eval-interval steps; one at a time (a due one waits for the last to end). With
+        --save-model the final evaluation is that of the saved model, after the loop."""
+        final_step = args.save_model and global_step >= args.total_timesteps
+        if args.eval_episodes > 0 and progress["next_eval"] is not None and global_step >= progress["next_eval"] \
+                and not final_step and not self.running:
+            self.request(global_step, updates, progress)
+            while progress["next_eval"] <= global_step:
+                progress["next_eval"] += args.eval_interval
 
     def collect(self, updates: int, timeout: float = 0.0) -> None:
         if not self.running:
@@ -1094,15 +1125,15 @@ class Evaluations:
               f"{updates - self.running['updates']:,} updates while it ran)", flush=True)
         self.running = {}
 
-    def wait(self, updates: int, stop: StopRequest, supervise) -> None:
+    def wait(self, updates: int, stop: StopRequest) -> None:
         while self.running:
             stop.check()
-            supervise()
+            self.processes.supervise(self.running["global_step"])
             self.collect(updates, timeout=0.1)
 
 
 @contextlib.contextmanager
-def paused(arrays: SharedArrays, processes: Processes, prefetcher: Prefetcher, supervise, final: bool):
+def paused(arrays: SharedArrays, processes: Processes, prefetcher: Prefetcher, final: bool):
     """Within the block every actor waits between two steps and the prefetch thread is idle, its
     priority updates applied (for a checkpoint). A dead actor is restarted while waiting (it
     pauses too), except in the ``final`` checkpoint of a stopped run, where it raises StopRun."""
@@ -1113,7 +1144,7 @@ def paused(arrays: SharedArrays, processes: Processes, prefetcher: Prefetcher, s
             if final and any(p.exitcode is not None for p in processes.actors) or time.time() > deadline:
                 raise StopRun("an actor died or did not pause for the checkpoint")
             if not final:
-                supervise()
+                processes.supervise(int(arrays["actor_steps"].sum()))
             time.sleep(0.005)
         with prefetcher.lock:
             prefetcher.apply_priority_updates()
@@ -1161,6 +1192,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
               f"{replay.capacity_per_stream:,} per env stream", flush=True)
         processes.start(seed_offset=checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
+        if not (torch.cuda.is_available() and args.cuda):  # a CPU learner takes the cores the actors leave
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
         stop.check()  # a stop that came while they started
         return learner(args, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,
                        frame_stack, stop)
