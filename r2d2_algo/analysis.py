@@ -7,13 +7,13 @@
     run_summary_table(df, by=["sequence_length"])                 # final / best return, SPS per config
 
 Runs started by `scheduler.py` carry their config values in the scheduler's records
-(runs/_scheduler/); any other run folder carries its arguments in the "hyperparameters" text
-that the scripts write (`runs_from_folders`).
+(runs/_scheduler/); every run folder also holds the script's arguments as `args.json`
+(`runs_from_folders`).
 """
 
 from __future__ import annotations
 
-import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,27 +56,10 @@ def load_scalars(run_dirs: list[str | Path], tags: list[str] | None = None) -> p
     return df
 
 
-def _parse_value(text: str):
-    """'8' → 8, '0.001' → 0.001, 'True' → True, 'None' → None, '[1, 2]' → [1, 2]; else the text."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def load_hparams(run_dir: str | Path) -> dict:
-    """The arguments a script logged as the "hyperparameters" text (a |param|value| table); {} if none."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "scalars": 1})
-    acc.Reload()
-    if "hyperparameters/text_summary" not in acc.Tags()["tensors"]:
-        return {}
-    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-    params = {}
-    for line in text.splitlines()[2:]:  # after the header and the |-|-| line
-        cells = line.strip().strip("|").split("|")
-        if len(cells) == 2:
-            params[cells[0].strip()] = _parse_value(cells[1].strip())
-    return params
+    """The arguments of a run: the ``args.json`` the training scripts write in its folder; {} if none."""
+    path = Path(run_dir) / "args.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def load_run_table(runs_dir: str | Path = "runs", configs: list[str] | None = None,
@@ -216,20 +199,21 @@ def run_summary_table(df: pd.DataFrame, by: list[str], return_tag: str = "eval/e
     """Per group: final and best return, SPS and wall-clock, mean and std across runs (seeds).
 
     Per run: final = the return at the last step logged, best = its maximum over the run,
-    SPS = the harmonic mean of the `sps_tag` values (the run's overall environment steps per
-    second, as each value covers the same --log-interval steps; an arithmetic mean would
-    overweight fast stretches), wall_clock = seconds from the first to the last event.
+    SPS = environment steps per second between the first and the last `sps_tag` event (steps
+    over wall-clock time, whatever the log interval; a mean of the logged values would weight
+    fast stretches by their number of logs), wall_clock = seconds from the first to the last event.
 
     Returns DataFrame indexed by `by` with columns runs, then {final_return, best_return, SPS,
     wall_clock}_{mean, std}."""
     per_run = []
     for run, group in df.groupby("run"):
         returns = group[group["tag"] == return_tag].sort_values("step")
-        sps = group[group["tag"] == sps_tag]["value"]
+        sps = group[group["tag"] == sps_tag].sort_values("step")
+        elapsed = sps["wall_time"].iloc[-1] - sps["wall_time"].iloc[0] if len(sps) > 1 else 0.0
         per_run.append({"run": run, **{c: group[c].iloc[0] for c in by},
                         "final_return": returns["value"].iloc[-1] if len(returns) else np.nan,
                         "best_return": returns["value"].max() if len(returns) else np.nan,
-                        "SPS": len(sps) / (1.0 / sps).sum() if len(sps) and (sps > 0).all() else np.nan,
+                        "SPS": (sps["step"].iloc[-1] - sps["step"].iloc[0]) / elapsed if elapsed > 0 else np.nan,
                         "wall_clock": group["wall_time"].max()})
     per_run = pd.DataFrame(per_run)
     grouped = per_run.groupby(by, sort=True) if by else per_run.assign(_all="all runs").groupby("_all")

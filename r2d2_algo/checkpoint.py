@@ -133,11 +133,6 @@ def load_checkpoint(path: str) -> dict:
     return _load(path, CHECKPOINT_FORMAT, "checkpoint")
 
 
-def checkpoint_path(path: str) -> str:
-    """The checkpoint file named by ``path`` (a file, or a run's checkpoint directory)."""
-    return os.path.join(path, CHECKPOINT_FILE) if os.path.isdir(path) else path
-
-
 def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer, rng: np.random.Generator,
                   progress: dict, recent_returns, replay, include_replay: bool = True) -> dict:
     """What every variant's checkpoint holds of its learner: online and target weights, the
@@ -241,50 +236,37 @@ def unpickle_envs(data: torch.Tensor):
 
 
 # ---------------------------------------------------------------------- resuming arguments
-def explicit_cli_fields(argv: list[str]) -> set[str]:
-    """Field names given on the command line as ``--name``, ``--name=v`` or ``--no-name``."""
-    fields = set()
-    for token in argv:
-        if token.startswith("--") and len(token) > 2:
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            fields.add(name)
-            if name.startswith("no_"):
-                fields.add(name[3:])
-    return fields
-
-
-def merge_resume_args(args, saved: dict, explicit: set[str], may_change: tuple[str, ...]):
-    """The arguments of a resumed run: the checkpoint's, except fields in ``may_change`` that
-    were given on the command line.
+def resume_args(args, saved: dict, argv: list[str], may_change: tuple[str, ...]):
+    """The arguments of a resumed run: ``argv`` parsed again by tyro with the checkpoint's
+    arguments ``saved`` as the defaults, so that only what the command line gives differs from
+    them, and only fields in ``may_change`` may differ.
 
     Raises:
-        CheckpointError: a field given on the command line differs from the checkpoint's and
-            may not change (names every such field).
+        CheckpointError: the checkpoint lacks a field of ``args`` (another script or version), or
+            the command line changes one that may not change (names every such field).
     """
-    fields = {f.name for f in dataclasses.fields(args)}
-    missing = sorted(fields - set(saved) - {"resume"})
+    import tyro
+
+    fields = [f.name for f in dataclasses.fields(args) if f.name != "resume"]
+    missing = sorted(set(fields) - set(saved))
     if missing:
         raise CheckpointError(f"checkpoint lacks arguments {', '.join(missing)} (saved by another script or version)")
-    conflicts = [
-        f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {saved[name]!r})"
-        for name in sorted(explicit & fields)
-        if name not in may_change and name != "resume" and getattr(args, name) != saved[name]
-    ]
+    resumed = tyro.cli(type(args), args=argv, default=dataclasses.replace(args, **{f: saved[f] for f in fields}))
+    conflicts = [f"--{name.replace('_', '-')} {getattr(resumed, name)!r} (checkpoint: {saved[name]!r})"
+                 for name in fields if name not in may_change and getattr(resumed, name) != saved[name]]
     if conflicts:
         raise CheckpointError("arguments conflict with the checkpoint's: " + "; ".join(conflicts))
-    merged = {name: (getattr(args, name) if name in may_change and name in explicit else saved[name])
-              for name in fields if name != "resume"}
-    return dataclasses.replace(args, **merged)
+    return resumed
 
 
 def resume_run(args, argv: list[str], may_change: tuple[str, ...]):
     """``(args, checkpoint)`` of a run started with ``--resume``: the checkpoint read, the
-    arguments merged (``merge_resume_args``); ``(args, None)`` when ``args.resume`` is None.
+    arguments merged (``resume_args``); ``(args, None)`` when ``args.resume`` is None.
 
     Raises:
-        CheckpointError: as ``load_checkpoint`` and ``merge_resume_args``.
+        CheckpointError: as ``load_checkpoint`` and ``resume_args``.
     """
     if args.resume is None:
         return args, None
     checkpoint = load_checkpoint(args.resume)
-    return merge_resume_args(args, checkpoint["args"], explicit_cli_fields(argv), may_change), checkpoint
+    return resume_args(args, checkpoint["args"], argv, may_change), checkpoint

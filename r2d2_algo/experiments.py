@@ -46,7 +46,6 @@ import yaml
 CONFIG_KEYS = ("description", "script", "seeds", "args", "grid", "slots")
 SCHEDULER_FIELDS = ("exp_name", "seed")  # set for each run by the scheduler, never by a config
 STATE_DIR = "_scheduler"  # under runs/: one folder per config, a .json record and a .log per run
-STATES = ("pending", "running", "done", "failed", "interrupted")
 SCRIPTS_DIR = "r2d2_algo"  # where a bare script name is looked for
 MAX_EXP_NAME = 100  # longer grid-point names are shortened to a hash
 
@@ -141,27 +140,19 @@ def to_argv(values: dict) -> list[str]:
 
 
 def parse_args(args_cls: type, argv: list[str]):
-    """tyro's parse of argv into args_cls, or ValueError with tyro's message on one line."""
+    """tyro's parse of argv into args_cls (its messages silenced); ValueError if it refuses argv."""
     import tyro
 
-    out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return tyro.cli(args_cls, args=argv)
     except SystemExit:
-        raise ValueError(_tyro_message(out.getvalue())) from None
+        raise ValueError(f"tyro refuses {' '.join(argv)}") from None
 
 
-def _tyro_message(text: str) -> str:
-    """The problem in tyro's boxed error text, on one line."""
-    lines = [line.strip().strip("│╭╮╰╯─").strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not set(line) <= set("-─━")]
-    keep = []
-    for line in lines[1:]:  # lines[0] is the box title ("Value error", "Invalid choice", ...)
-        if line.startswith(("Argument helptext", "For full helptext", "Perhaps you meant")):
-            break
-        keep.append(line)
-    return " ".join(keep) or (lines[0] if lines else "invalid value")
+def type_name(field: dataclasses.Field) -> str:
+    """The field's annotation as written in the script (``int``, ``Literal['lstm', 'gru', 'none']``)."""
+    return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +281,7 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
     elif len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds: repeats a seed: {seeds}")
 
-    # tyro parses each value alone (plus any required fields), so an error names its key
+    # tyro parses each value alone (plus any required fields), so a refusal names its key and value
     required = {n: args.get(n, (grid_values.get(n) or [dataclasses.MISSING])[0]) for n, f in fields.items()
                 if field_default(f) is dataclasses.MISSING and n not in SCHEDULER_FIELDS}
     for n, v in required.items():
@@ -301,8 +292,9 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
     for section, key, value in checks:
         try:
             parse_args(args_cls, base + to_argv({key: value}))
-        except ValueError as e:
-            raise ConfigError(f"{path}: {section}.{key}: {value!r}: {e}") from None
+        except ValueError:
+            raise ConfigError(f"{path}: {section}.{key}: {value!r} is not a valid value of {flag(key)} "
+                              f"({type_name(fields[key])})") from None
 
     slots = config.get("slots")
     if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):

@@ -62,10 +62,6 @@ class SharedArrays:
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(shm.size for shm in self._segments.values())
-
     def close(self) -> None:
         """Unmap this process's views (arrays still referenced elsewhere stay mapped until exit)."""
         self._arrays.clear()

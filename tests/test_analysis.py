@@ -1,5 +1,7 @@
 """analysis: tensorboard runs and the scheduler's records → pandas; seeds aggregated on a common grid."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -31,10 +33,11 @@ def test_load_scalars_refuses_a_folder_without_events(tmp_path):
 
 
 def write_run(runs_dir, name, points, hparams=None):
-    """A tensorboard run folder with eval/episodic_return at the given (step, value) points."""
+    """A tensorboard run folder with eval/episodic_return at the given (step, value) points, and
+    the arguments in args.json as the training scripts write them."""
     with SummaryWriter(runs_dir / name) as writer:
         if hparams:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+            (runs_dir / name / "args.json").write_text(json.dumps(hparams))
         for step, value in points:
             writer.add_scalar("eval/episodic_return", value, step)
             writer.add_scalar("charts/SPS", 100.0 * value, step)
@@ -73,10 +76,18 @@ def test_run_table_attaches_config_values_and_skips_unfinished_attempts(tmp_path
     table = run_summary_table(df, by=["sequence_length"])
     assert table.loc[8, "runs"] == 2
     assert table.loc[8, "final_return_mean"] == 3.0 and table.loc[8, "best_return_mean"] == 3.0  # (2 + 4) / 2
-    assert np.isclose(table.loc[8, "SPS_mean"], 200.0)  # harmonic means of 100·value: 133.3 and 266.7
 
 
-def test_runs_from_folders_parse_the_hyperparameters_text(tmp_path):
+def test_run_summary_sps_is_steps_over_wall_clock_whatever_the_log_interval():
+    """Run a logs every 100 steps, run b every 5 s; each run's SPS is its steps ÷ its seconds."""
+    a = [("a", step, 1.0, step / 100.0) for step in range(100, 1001, 100)]  # 100 steps/s, logs every 1 s
+    b = [("b", step, 1.0, t) for t, step in ((5.0, 1000), (10.0, 4000), (15.0, 5000))]  # 4,000 steps in 10 s
+    df = pd.DataFrame(a + b, columns=["run", "step", "value", "wall_time"]).assign(tag="charts/SPS", lr=1)
+    table = run_summary_table(df, by=["run"], return_tag="eval/episodic_return")
+    assert np.isclose(table.loc["a", "SPS_mean"], 100.0) and np.isclose(table.loc["b", "SPS_mean"], 400.0)
+
+
+def test_runs_from_folders_read_the_arguments_of_args_json(tmp_path):
     run = write_run(tmp_path, "r", [(1, 1.0)], {"exp_name": "x", "seed": 3, "learning_rate": 0.001,
                                                 "cuda": False, "rnn_type": "lstm", "hline": None})
     table = runs_from_folders([run])

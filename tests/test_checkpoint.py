@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from r2d2_algo.analysis import load_scalars
-from r2d2_algo.checkpoint import CheckpointError, explicit_cli_fields, load_model, merge_resume_args
+from r2d2_algo.checkpoint import CheckpointError, load_model, resume_args
 from r2d2_algo.r2d2 import RESUMABLE_ARGS, Args
 from tests.conftest import ROOT
 
@@ -156,13 +156,15 @@ def test_ctrl_c_writes_a_last_checkpoint(tmp_path):
 
 
 def test_resume_refuses_conflicting_arguments_and_takes_the_rest_from_the_checkpoint():
-    saved = {**vars(Args()), "seed": 3, "hidden_size": 64}
-    merged = merge_resume_args(Args(resume="x", total_timesteps=500), saved, {"resume", "total_timesteps"},
-                               RESUMABLE_ARGS)
+    saved = {**vars(Args()), "seed": 3, "hidden_size": 64, "cuda": False}
+    argv = ["--resume", "x", "--total-timesteps", "500", "--no-progress-bar"]
+    merged = resume_args(Args(resume="x", total_timesteps=500, progress_bar=False), saved, argv, RESUMABLE_ARGS)
     assert merged.seed == 3 and merged.hidden_size == 64 and merged.total_timesteps == 500 and merged.resume == "x"
-    with pytest.raises(CheckpointError, match=r"--seed 1 \(checkpoint: 3\)"):
-        merge_resume_args(Args(resume="x"), saved, {"resume", "seed"}, RESUMABLE_ARGS)
-    assert explicit_cli_fields(["--seed", "2", "--no-cuda", "--buffer-size=5"]) >= {"seed", "cuda", "buffer_size"}
+    assert merged.cuda is False and merged.progress_bar is False
+    with pytest.raises(CheckpointError, match=r"--seed 2 \(checkpoint: 3\)"):
+        resume_args(Args(resume="x", seed=2), saved, ["--resume", "x", "--seed", "2"], RESUMABLE_ARGS)
+    # giving a field its checkpoint value again is no conflict
+    assert resume_args(Args(resume="x", seed=3), saved, ["--resume", "x", "--seed", "3"], RESUMABLE_ARGS).seed == 3
 
 
 @pytest.fixture(scope="module")

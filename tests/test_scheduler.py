@@ -115,7 +115,8 @@ def test_real_scripts_validate_and_mp_takes_actors_plus_one_slots():
     with pytest.raises(ConfigError, match=r"^cfg.yaml: args.sequnce_length: r2d2_algo/r2d2.py has no argument "
                                           r"--sequnce-length \(did you mean --sequence-length\?\)$"):
         validate_config({"script": "r2d2_algo/r2d2.py", "args": {"sequnce_length": 8}}, "cfg.yaml", ROOT)
-    with pytest.raises(ConfigError, match=r"cfg.yaml: grid.rnn_type: 'gur': invalid choice"):
+    with pytest.raises(ConfigError, match=r"cfg.yaml: grid.rnn_type: 'gur' is not a valid value of --rnn-type "
+                                          r"\(Literal\['lstm', 'gru', 'none'\]\)"):
         validate_config({"script": "r2d2_algo/r2d2.py", "grid": {"rnn_type": ["lstm", "gur"]}}, "cfg.yaml", ROOT)
     with pytest.raises(ConfigError, match=r"cfg.yaml: run .*: --burn-in-length must be >= 0"):  # r2d2.check_args
         validate_config({"script": "r2d2_algo/r2d2.py", "grid": {"burn_in_length": [2, -1]}}, "cfg.yaml", ROOT)
@@ -134,7 +135,7 @@ def test_real_scripts_validate_and_mp_takes_actors_plus_one_slots():
     ("script: fake_train.py\nargs: {sequence_length: 8}\ngrid: {sequence_length: [8, 16]}",
      "bad.yaml: grid.sequence_length: also set in args"),
     ("script: fake_train.py\ngrid: {sequence_length: [8, eight]}",
-     "bad.yaml: grid.sequence_length: 'eight': Error parsing --sequence-length"),
+     "bad.yaml: grid.sequence_length: 'eight' is not a valid value of --sequence-length (int)"),
     ("script: fake_train.py\ngrid: {'sequence_length,burn_in_length': [[8, 0], [16]]}",
      "bad.yaml: grid.sequence_length,burn_in_length: each entry must be a list of 2 values"),
     ("script: fake_train.py\nargs: {seed: 3}", "bad.yaml: args.seed: set by the scheduler"),

@@ -8,6 +8,7 @@ Imports no torch, so it starts in half a second.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -66,6 +67,8 @@ def main(args: Args) -> int:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     table = "|param|value|\n|-|-|\n" + "\n".join(f"|{f.name}|{getattr(args, f.name)}|" for f in fields(args))
     writer.add_event(Event(wall_time=time.time(), step=0, summary=text_summary("hyperparameters", table)))
+    with open(f"runs/{run_name}/args.json", "w") as f:  # as the training scripts
+        json.dump(vars(args), f)
     start = time.time()
     for step in range(args.log_interval, args.total_timesteps + 1, args.log_interval):
         time.sleep(args.step_seconds)
