@@ -3,7 +3,7 @@
 - ``check_env_id`` refuses, with one line, any id that is not a registered gymnasium
   environment with a Box observation and Discrete actions (the ``module:EnvId`` form imports
   ``module`` first, as ``gymnasium.make`` does).
-- Atari ids (ale-py) get the paper's preprocessing (R2D2_SPEC.md, Table 2): 84×84 grayscale,
+- Atari ids (ale-py) get the paper's preprocessing (docs/algorithm.md, Table 2): 84×84 grayscale,
   frame skip 4 with max-pool, 4-frame stack, full 18-action set, no reward clipping, no
   loss-of-life termination, episodes capped at 108,000 frames, up to 30 no-op starts; all
   from gymnasium's ``AtariPreprocessing`` and ``FrameStackObservation`` for single envs
@@ -238,11 +238,18 @@ def _thread_ids() -> set[int]:
         return set()
 
 
-def epsilon_ladder(num_actors: int, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
-    """Ape-X per-actor exploration ε_i = base^(1 + alpha·i/(N−1)), i = 0..N−1 (Horgan et al. 2018,
-    Sec. 4.1; R2D2_SPEC.md piece 5). A single actor gets ``base``. Returns (N,) float64."""
-    if num_actors < 1:
-        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
-    if num_actors == 1:
+def epsilon_ladder(num_rungs: int, base: float = 0.4, alpha: float = 7.0) -> np.ndarray:
+    """The Ape-X exploration ladder ε_i = base^(1 + alpha·i/(N−1)), i = 0..N−1 (Horgan et al.
+    2018, Sec. 4.1; docs/algorithm.md). Ape-X gives each actor one rung; here each environment
+    is one rung, over all the envs of all actors. A single rung gets ``base``.
+
+    Returns:
+        (num_rungs,) float64 exploration rates.
+    Raises:
+        ValueError: num_rungs < 1.
+    """
+    if num_rungs < 1:
+        raise ValueError(f"num_rungs must be >= 1, got {num_rungs}")
+    if num_rungs == 1:
         return np.array([base])
-    return base ** (1.0 + alpha * np.arange(num_actors) / (num_actors - 1))
+    return base ** (1.0 + alpha * np.arange(num_rungs) / (num_rungs - 1))

@@ -30,7 +30,7 @@ from r2d2_algo.envs import check_env_id, make_env, make_vector_env
 from r2d2_algo.model import RNNQNetwork
 
 EVAL_EPSILON = 0.001
-"""ε of evaluation episodes. R2D2_SPEC.md gives none; 0.001 is the usual evaluation ε of the
+"""ε of evaluation episodes. The R2D2 paper gives none; 0.001 is the usual evaluation ε of the
 DQN family on Atari (Rainbow / Dopamine's ``epsilon_eval``), so rare random actions break
 deterministic loops."""
 EVAL_SEED_OFFSET = 10_000  # evaluation envs use seed + 10,000, apart from the training envs

@@ -4,9 +4,10 @@ Shapes use T for time (sequence) and B for batch. The recurrent state of every c
 flat float tensor of shape (B, state_size), so that replay can store it as one array row
 (for the LSTM it is [h, c] concatenated).
 
-Cores zero their state at the steps marked by a (T, B) reset mask: step t of row b starts a
-new episode when reset[t, b] is True, so the state that enters step t is zero. This lets a
-sampled window cross an episode end (R2D2_SPEC.md, piece 6).
+Cores zero their state at the episode starts marked by a (T, B) ``first`` mask (the replay's
+name for it): step t of row b starts a new episode when first[t, b] is True, so the state that
+enters step t is zero. This lets a
+sampled window cross an episode end (docs/algorithm.md, piece 6).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 RNN_TYPES = ("lstm", "gru", "none")
 
 
-def _segment_layout(reset: torch.Tensor):
-    """Cut every row of a (T, B) reset mask into segments that start at t=0 or at a reset.
+def _segment_layout(first: torch.Tensor):
+    """Cut every row of a (T, B) episode-start mask into segments that start at t=0 or at an episode start.
 
-    Returns, all on reset's device:
+    Returns, all on first's device:
         seg (T, B) int64: global index of the segment that step (t, b) belongs to,
         pos (T, B) int64: position of step (t, b) inside its segment,
         lengths (S,) int64: length of every segment,
@@ -32,16 +33,16 @@ def _segment_layout(reset: torch.Tensor):
         last_seg (B,) int64: global index of the last segment of each row.
     Segments of row b are numbered consecutively, rows in order.
     """
-    T, B = reset.shape
-    starts = reset.clone()
+    T, B = first.shape
+    starts = first.clone()
     starts[0] = True
     seg_in_row = starts.long().cumsum(0) - 1  # (T, B)
     segs_per_row = seg_in_row[-1] + 1  # (B,)
     first_seg = segs_per_row.cumsum(0) - segs_per_row  # (B,)
     seg = seg_in_row + first_seg  # (T, B)
     num_segs = int(segs_per_row.sum())
-    t_index = torch.arange(T, device=reset.device).unsqueeze(1).expand(T, B)
-    seg_start = torch.empty(num_segs, dtype=torch.long, device=reset.device)
+    t_index = torch.arange(T, device=first.device).unsqueeze(1).expand(T, B)
+    seg_start = torch.empty(num_segs, dtype=torch.long, device=first.device)
     seg_start[seg[starts]] = t_index[starts]
     pos = t_index - seg_start[seg]
     lengths = torch.bincount(seg.flatten(), minlength=num_segs)
@@ -88,13 +89,13 @@ class _ResettingRNN(nn.Module):
             return torch.cat(rnn_state, dim=-1).squeeze(0)
         return rnn_state.squeeze(0)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor, reset: torch.Tensor, strategy: str = "auto"):
-        """Unroll over a sequence, zeroing the state where ``reset`` is True.
+    def forward(self, x: torch.Tensor, state: torch.Tensor, first: torch.Tensor, strategy: str = "auto"):
+        """Unroll over a sequence, zeroing the state where ``first`` is True.
 
         Args:
             x: (T, B, input_size) float inputs.
             state: (B, state_size) float state entering step 0.
-            reset: (T, B) bool; True at t means step t begins an episode (state zeroed first).
+            first: (T, B) bool; True at t means step t begins an episode (state zeroed before it).
             strategy: 'auto', 'chunked' or 'packed' (all exact; they differ only in speed).
         Returns:
             out: (T, B, hidden_size) float outputs.
@@ -102,15 +103,15 @@ class _ResettingRNN(nn.Module):
         """
         if x.shape[0] == 1 and strategy == "auto":
             # acting: one step, where the fused kernel's fixed cost (ms on CPU) dominates
-            keep = (~reset[0]).unsqueeze(-1)
+            keep = (~first[0]).unsqueeze(-1)
             out, state = self._cell(x[0], _zero_where_reset(state, keep))
             return out.unsqueeze(0), state
-        reset_times = reset[1:].any(dim=1).nonzero().flatten() + 1  # (k,) distinct steps > 0
+        reset_times = first[1:].any(dim=1).nonzero().flatten() + 1  # (k,) distinct steps > 0
         if strategy == "auto":
             strategy = "packed" if self._packing_is_cheaper(x, len(reset_times)) else "chunked"
         if strategy == "packed" and len(reset_times) > 0:
-            return self._packed(x, state, reset)
-        keep = (~reset).unsqueeze(-1)  # (T, B, 1)
+            return self._packed(x, state, first)
+        keep = (~first).unsqueeze(-1)  # (T, B, 1)
         rnn_state = self._split(_zero_where_reset(state, keep[0]))
         bounds = [0, *reset_times.tolist(), x.shape[0]]
         outs = []
@@ -130,13 +131,13 @@ class _ResettingRNN(nn.Module):
         (benchmarks/bench_core.py). On CUDA, pack when there are many chunks (kernel launches)."""
         return x.is_cuda and num_reset_steps >= self.max_chunks_cuda
 
-    def _packed(self, x: torch.Tensor, state: torch.Tensor, reset: torch.Tensor):
-        seg, pos, lengths, first_seg, last_seg = _segment_layout(reset)
+    def _packed(self, x: torch.Tensor, state: torch.Tensor, first: torch.Tensor):
+        seg, pos, lengths, first_seg, last_seg = _segment_layout(first)
         num_segs, max_len = lengths.shape[0], int(lengths.max())
         padded = x.new_zeros(max_len, num_segs, x.shape[-1])  # (L, S, input_size)
         padded[pos, seg] = x
         init = state.new_zeros(num_segs, self.state_size)  # (S, state_size)
-        init[first_seg] = _zero_where_reset(state, (~reset[0]).unsqueeze(-1))
+        init[first_seg] = _zero_where_reset(state, (~first[0]).unsqueeze(-1))
         packed = pack_padded_sequence(padded, lengths.cpu(), enforce_sorted=False)
         out_packed, rnn_state = self.rnn(packed, self._split(init))
         out, _ = pad_packed_sequence(out_packed, total_length=max_len)  # (L, S, H)
@@ -196,7 +197,7 @@ class FeedForwardCore(nn.Module):
         self.hidden_size = hidden_size
         self.layer = nn.Linear(input_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor, reset: torch.Tensor, strategy: str = "auto"):
+    def forward(self, x: torch.Tensor, state: torch.Tensor, first: torch.Tensor, strategy: str = "auto"):
         """x (T, B, input_size) -> ((T, B, hidden_size), state (B, 0) unchanged)."""
         return F.relu(self.layer(x)), state
 
@@ -314,7 +315,7 @@ class RNNQNetwork(nn.Module):
         obs: torch.Tensor,
         prev_action: torch.Tensor,
         prev_reward: torch.Tensor,
-        reset: torch.Tensor,
+        first: torch.Tensor,
         state: torch.Tensor,
     ):
         """Q-values along a sequence.
@@ -325,7 +326,7 @@ class RNNQNetwork(nn.Module):
                 as an all-zero one-hot), as at an episode start.
             prev_reward: (T, B) float, reward received before each step (0 at an episode start);
                 the core sees tanh of it.
-            reset: (T, B) bool, True where the step begins an episode (state zeroed there).
+            first: (T, B) bool, True where the step begins an episode (state zeroed there).
             state: (B, state_size) float, recurrent state entering step 0.
         Returns:
             q: (T, B, n_actions) float32.
@@ -338,7 +339,7 @@ class RNNQNetwork(nn.Module):
         # the reward enters squashed to (−1, 1), as in Acme's R2D2 (OAREmbedding): a task's reward
         # scale must not saturate the core's gates
         core_in = torch.cat([features, one_hot, torch.tanh(prev_reward.float()).unsqueeze(-1)], dim=-1)
-        out, state = self.core(core_in, state, reset)  # (T, B, H)
+        out, state = self.core(core_in, state, first)  # (T, B, H)
         value = self.value(out)  # (T, B, 1)
         advantage = self.advantage(out)  # (T, B, A)
         return value + advantage - advantage.mean(dim=-1, keepdim=True), state

@@ -1,6 +1,6 @@
 """Sequence replay for R2D2: circular per-stream storage, prioritized sequence sampling.
 
-Layout (R2D2_SPEC.md pieces 1, 4 and 6; Kapturowski et al. 2019, Sec. 2.3 and 3):
+Layout (docs/algorithm.md, pieces 1, 4 and 6; Kapturowski et al. 2019, Sec. 2.3 and 3):
 
 - Each environment stream e owns a ring of ``capacity_per_stream`` steps. Step i of the
   stream is stored once at ring position i % capacity_per_stream: the observation, the action

@@ -1,4 +1,4 @@
-"""Saved models, evaluate.py, checkpoints and resume (issue 4), run as a user would."""
+"""Saved models, evaluate.py, checkpoints and resume, run as a user would."""
 
 import glob
 import io

@@ -34,7 +34,7 @@ def test_value_rescale_known_values():
 
 
 def brute_force_targets(reward, terminated, truncated, bootstrap_q, gamma, n, eps):
-    """Per-element loop written straight from R2D2_SPEC.md piece 3."""
+    """Per-element loop written straight from the definition (docs/algorithm.md, piece 3)."""
     L, B = reward.shape
     T = L - n
     targets = np.zeros((T, B))
