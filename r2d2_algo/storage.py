@@ -255,6 +255,7 @@ class SequenceReplayBuffer:
         if overwrite_margin < 0:
             raise ValueError(f"overwrite_margin must be >= 0, got {overwrite_margin}")
         self.overwrite_margin = overwrite_margin
+        self.concurrent_writers = overwrite_margin > 0  # other processes write while this one samples
         self.num_streams = num_streams
         self.burn_in_length = burn_in_length
         self.sequence_length = sequence_length
@@ -509,8 +510,10 @@ class SequenceReplayBuffer:
         initial_state = self.stored_state[streams, slots]
         # a writer in another process may have overwritten a window while it was copied: such
         # windows are dropped from the loss. Checked after every read of the window, so that
-        # nothing copied after the check can come from a later write.
-        intact = sequence_ids * self.period - h >= self.write_count[streams] - self.capacity_per_stream
+        # nothing copied after the check can come from a later write. With n steps written, such
+        # a writer may already be writing step n (its stored state first), over step n − capacity.
+        in_progress = 1 if self.concurrent_writers else 0
+        intact = sequence_ids * self.period - h >= self.write_count[streams] + in_progress - self.capacity_per_stream
         if not intact.all():
             weights = np.where(intact, weights, 0.0).astype(np.float32)
             sequence_ids = np.where(intact, sequence_ids, -1)

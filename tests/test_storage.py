@@ -209,6 +209,31 @@ def test_sampleable_fraction_counts_the_steps_inside_sampleable_windows(margin, 
         assert rb.sampleable_fraction() == pytest.approx(covered / max(rb.size, 1))
 
 
+def test_a_window_whose_first_step_is_being_overwritten_is_dropped():
+    """A writer in another process that has begun writing step n (its stored state goes first) but
+    not yet counted it overwrites step n − capacity: the window starting there must be dropped,
+    not returned with the new step's stored state."""
+    rng = np.random.default_rng(4)
+    learner = make_buffer(num_streams=1, capacity=24, overwrite_margin=1)  # shared with a writer process
+    shared = {name: getattr(learner, name) for name in SequenceReplayBuffer.SHARED_ARRAYS}
+    writer = make_buffer(num_streams=1, capacity=24, overwrite_margin=1, index=False,
+                         allocate=lambda name, shape, dtype: shared[name])
+    ref = Reference(1)
+    fill(writer, ref, 39, rng)
+    learner.sync()
+    k = (40 - learner.capacity_per_stream) // learner.period  # starts at step 16 = 40 − capacity
+    assert k in learner.sequence_id[0]
+    fill(writer, ref, 1, rng)  # the writer goes on: 40 steps, then begins step 40 in sequence k's slot
+    learner.stored_state[0, (40 // learner.period) % learner.slots_per_stream] = 99.0
+    drawn = 0
+    for _ in range(50):
+        batch = learner.sample(8, rng)
+        for b in np.flatnonzero(learner.sequence_id[0, batch.indices % learner.slots_per_stream] == k):
+            drawn += 1
+            assert batch.sequence_ids[b] == -1 and batch.weights[b] == 0
+    assert drawn > 0
+
+
 def test_never_samples_a_window_partly_overwritten():
     rng = np.random.default_rng(2)
     rb = make_buffer(num_streams=1, capacity=16)  # 16 = window 11 + room for one more period
