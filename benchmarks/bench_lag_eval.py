@@ -7,7 +7,8 @@ Ctrl-C and reads its tensorboard scalars (the values logged once learning had st
 
 1. **Parameter lag** (``charts/parameter_lag``: learner updates between the weights the actors
    act with and the learner's current ones), with the learner's ``charts/updates_per_second``
-   and the actors' refresh period that it implies (lag ÷ updates/s, in seconds), on the README's
+   and the mean age of the weights the actors act with that it implies (lag ÷ updates/s, in
+   seconds; about half the refresh period), on the README's
    CartPole command (2 actors × 4 envs) and on Pong with one actor at its default 64 envs and a
    small network (so that a CPU learner makes a few updates per second).
 2. **The learner beside evaluations**: Pong, small network, a learner that always has work
@@ -96,7 +97,7 @@ def measure(checkout: Path, case_args: list[str], seconds: float) -> dict:
 
     lag, ups, sps = learning("charts/parameter_lag"), learning("charts/updates_per_second"), learning("charts/SPS")
     return {"parameter_lag": float(lag.mean()), "updates_per_second": float(ups.mean()), "sps": float(sps.mean()),
-            "refresh_period_seconds": float(lag.mean() / max(ups.mean(), 1e-9)), "log_points": int(len(lag))}
+            "weight_age_seconds": float(lag.mean() / max(ups.mean(), 1e-9)), "log_points": int(len(lag))}
 
 
 def main(args: Args) -> None:
@@ -118,11 +119,11 @@ def main(args: Args) -> None:
     mean = {k: {q: float(np.mean([r[k][q] for r in results["rounds"]])) for q in results["rounds"][0][k]} for k in keys}
     results["mean"] = mean
     print(f"\n| run ({args.rounds} rounds of {args.seconds:.0f} s, means) | code | parameter lag (updates) "
-          f"| updates/s | refresh period (s) | SPS |\n|---|---|---|---|---|---|")
+          f"| updates/s | weight age (s) | SPS |\n|---|---|---|---|---|---|")
     for k, m in mean.items():
         case, name = k.split("/")
         print(f"| {case} | {name} | {m['parameter_lag']:.1f} | {m['updates_per_second']:.2f} | "
-              f"{m['refresh_period_seconds']:.2f} | {m['sps']:.0f} |")
+              f"{m['weight_age_seconds']:.2f} | {m['sps']:.0f} |")
     for name in checkouts:
         ratio = [r[f"learner_eval_pong/{name}"]["updates_per_second"] / r[f"learner_no_eval_pong/{name}"]["updates_per_second"]
                  for r in results["rounds"]]

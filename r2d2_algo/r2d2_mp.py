@@ -109,7 +109,7 @@ class Args:
     """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
     actor_update_interval: int = 400
     """actor steps (batched forward passes, one per env split) between an actor's weight refreshes
-    (paper: 400 steps of an actor's single env)"""
+    (paper: 400 steps of an actor's single env); an actor that waited (--min-replay-ratio, a checkpoint) also refreshes"""
     max_actor_restarts: int = 3
     """actors that die are restarted this many times per run (their env streams are cut there);
     one more death stops the run"""
@@ -639,7 +639,8 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
     actor_id · num_envs_per_actor + j. Every ``actor_update_interval`` actor steps it asks for
     newer weights and loads them as soon as the learner has published them. While the learner's
     ``pause`` flag is set (a checkpoint is being written), or once all actors together have
-    taken ``total_timesteps`` steps, the actor waits between steps. ``seed_offset`` (the resumed
+    taken ``total_timesteps`` steps, or the learner is below ``min_replay_ratio``, the actor waits
+    between steps, and it resumes with the newest published weights. ``seed_offset`` (the resumed
     step count, or the step of a restart) gives new episodes."""
     ignore_stop_signals()
     arrays = SharedArrays.attach(layout)
@@ -678,9 +679,13 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
                 return  # the learner is gone: nobody will read what we write
             if must_wait():
                 paused[actor_id] = 1
+                wanted[0] = 1  # resume with the newest weights: the learner went on while we waited
                 while must_wait() and not stop_event.is_set() and os.getppid() == parent_pid:
                     time.sleep(0.002)
                 paused[actor_id] = 0
+                if version[0] > acting_version[0]:
+                    acting_version[0] = load_published_weights(net, weights, version, weights_lock)
+                    wanted[0], steps_since_refresh = 0, 0
                 continue
             for _, episodic_return, episodic_length in env_actor.step():
                 episode_queue.put((episodic_return, episodic_length))
