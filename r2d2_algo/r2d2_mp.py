@@ -36,6 +36,7 @@ if __name__ == "__main__":  # Ctrl-C while the heavy imports below load: nothing
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -107,6 +108,10 @@ class Args:
     the network acts on another (double buffering); other envs always use 1"""
     env_threads: int = 0
     """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
+    inference: Literal["auto", "local", "central"] = "auto"
+    """where the actors' forward passes run: local (each actor its own CPU copy of the network) or central (one
+    inference process on the learner's device batches them for all actors, as SEED RL); auto: central when the
+    learner is on a GPU, else local"""
     actor_update_interval: int = 400
     """actor steps (batched forward passes, one per env split) between an actor's weight refreshes
     (paper: 400 steps of an actor's single env); an actor that waited (--min-replay-ratio, a checkpoint) also refreshes"""
@@ -184,7 +189,7 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts")
+                  "max_actor_restarts", "inference")
 
 
 def check_args(args: Args) -> None:
@@ -249,13 +254,15 @@ class EnvActor:
         replay: SequenceReplayBuffer to write to; ``streams`` (E,) selects its streams.
         epsilons: (E,) exploration rates.
         rng: numpy Generator for exploration.
+        inference: central inference (InferenceClient): the forward pass runs in the inference
+            process, which keeps the recurrent states; ``q_network`` then gives only the state size.
     """
 
     def __init__(self, envs, q_network: RNNQNetwork, replay: SequenceReplayBuffer, epsilons: np.ndarray,
                  rng: np.random.Generator, seed: int, device: torch.device | str = "cpu",
-                 streams: np.ndarray | None = None):
+                 streams: np.ndarray | None = None, inference: InferenceClient | None = None):
         self.envs, self.q_network, self.replay, self.epsilons, self.rng = envs, q_network, replay, epsilons, rng
-        self.device = device
+        self.device, self.inference = device, inference
         self.num_envs, self.n_actions = len(epsilons), int(envs.single_action_space.n)
         E = self.num_envs
         self.streams = np.arange(E) if streams is None else np.asarray(streams)
@@ -284,20 +291,25 @@ class EnvActor:
             (env index, return, length in agent steps) of each episode that ended.
         """
         ids = self.env_ids
-        state = self.state[ids]
-        with torch.no_grad():
-            q, next_state = self.q_network(
-                torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
-                torch.as_tensor(self.prev_action[ids], device=self.device).unsqueeze(0),
-                torch.as_tensor(self.prev_reward[ids], device=self.device).unsqueeze(0),
-                torch.as_tensor(self.first[ids], device=self.device).unsqueeze(0),
-                state,
-            )
-        greedy = q[0].argmax(dim=-1).cpu().numpy()
+        if self.inference is not None:  # central inference: the inference process keeps the states
+            greedy, state = self.inference.act(ids, self.obs, self.prev_action[ids], self.prev_reward[ids],
+                                               self.first[ids])
+        else:
+            state = self.state[ids]
+            with torch.no_grad():
+                q, next_state = self.q_network(
+                    torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
+                    torch.as_tensor(self.prev_action[ids], device=self.device).unsqueeze(0),
+                    torch.as_tensor(self.prev_reward[ids], device=self.device).unsqueeze(0),
+                    torch.as_tensor(self.first[ids], device=self.device).unsqueeze(0),
+                    state,
+                )
+            greedy = q[0].argmax(dim=-1).cpu().numpy()
+            self.state[ids] = next_state
+            state = state.cpu().numpy()
         explore = self.rng.random(len(ids)) < self.epsilons[ids]
         action = np.where(explore, self.rng.integers(0, self.n_actions, len(ids)), greedy)
-        self.state[ids] = next_state
-        self.pending_obs[ids], self.pending_action[ids], self.pending_state[ids] = self.obs, action, state.cpu().numpy()
+        self.pending_obs[ids], self.pending_action[ids], self.pending_state[ids] = self.obs, action, state
         self.acting[ids] = True
         next_obs, reward, terminated, truncated, infos = self.envs.step(action)
         returned = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs of next_obs
@@ -579,7 +591,8 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
               stored_state, start_prev_action, start_prev_reward (per sequence), write_count
     weights:  the learner's parameters as one float32 vector, and weights_version (its update
               count; -1 until the first publication, which the actors wait for);
-              weights_wanted: an actor asks for newer weights (the learner publishes only then)
+              weights_wanted: an actor (or the inference process, last) asks for newer weights
+              (the learner publishes only then)
     counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
     checkpoints: pause (the learner asks the actors to wait), actor_paused (each actor waits)
     rate limit: learner_behind (the learner is below --min-replay-ratio: the actors wait)
@@ -589,7 +602,7 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     arrays.allocate("weights_version", (1,), np.int64)[0] = -1
     arrays.allocate("actor_steps", (num_actors,), np.int64)
     arrays.allocate("actor_weights_version", (num_actors,), np.int64)
-    arrays.allocate("weights_wanted", (num_actors,), np.int64)
+    arrays.allocate("weights_wanted", (num_actors + 1,), np.int64)  # the last: the inference process
     arrays.allocate("pause", (1,), np.int64)  # set by the learner while it writes a checkpoint
     arrays.allocate("actor_paused", (num_actors,), np.int64)  # each actor's acknowledgement
     arrays.allocate("learner_behind", (1,), np.int64)
@@ -612,9 +625,14 @@ def load_published_weights(network: torch.nn.Module, weights: np.ndarray, versio
         return int(version[0])
 
 
-def ignore_stop_signals() -> None:
+def ignore_stop_signals(name: str) -> None:
     """First lines of a child process: the learner handles Ctrl-C / SIGTERM for the whole run
-    (children start with them blocked, see Processes.spawn, and ignore them from here)."""
+    (children start with them blocked, see Processes.spawn, and ignore them from here). ``name``
+    is the role shown by ps and top (Linux: /proc/PID/comm, 15 characters)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: the default name stays
+        pass
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -631,9 +649,152 @@ def wait_for_weights(arrays: SharedArrays, parent_pid: int) -> bool:
     return True
 
 
+# CENTRAL INFERENCE (SEED RL, Espeholt et al. 2020): one process acts for every actor
+INFERENCE_INPUTS = ("obs", "stream", "prev_action", "prev_reward", "first", "new")
+
+
+def create_inference_memory(arrays: SharedArrays, num_actors: int, batch: int, observation_space, state_size: int):
+    """One request slot per actor (an actor has one forward pass in flight at a time):
+
+    inputs:  inference_obs (A, batch, *obs_shape) obs dtype, inference_stream (A, batch) int64 (the
+             env's replay stream), inference_prev_action int64, inference_prev_reward float32,
+             inference_first bool, inference_new bool (an env this actor has not acted in: zero its
+             state), inference_count (A,) int64 (rows in use)
+    outputs: inference_greedy (A, batch) int64, inference_state (A, batch, state_size) float32
+             (the state that entered the step: the one the replay stores)
+    flags:   inference_request / inference_response (A,) int64: the actor's request number, and the
+             last one answered
+    """
+    A = num_actors
+    arrays.allocate("inference_obs", (A, batch, *observation_space.shape), observation_space.dtype)
+    arrays.allocate("inference_stream", (A, batch), np.int64)
+    arrays.allocate("inference_prev_action", (A, batch), np.int64)
+    arrays.allocate("inference_prev_reward", (A, batch), np.float32)
+    arrays.allocate("inference_first", (A, batch), bool)
+    arrays.allocate("inference_new", (A, batch), bool)
+    arrays.allocate("inference_count", (A,), np.int64)
+    arrays.allocate("inference_greedy", (A, batch), np.int64)
+    arrays.allocate("inference_state", (A, batch, state_size), np.float32)
+    arrays.allocate("inference_request", (A,), np.int64)
+    arrays.allocate("inference_response", (A,), np.int64)
+
+
+class InferenceClient:
+    """Actor side of central inference: ``act`` writes one batch of observations into the actor's
+    slot, wakes the inference process and waits for its answer. Raises StopRun if the run stops
+    (or the learner is gone) while it waits."""
+
+    def __init__(self, arrays: SharedArrays, actor_id: int, num_envs: int, requests, response_ready, stop_event,
+                 parent_pid: int):
+        self.inputs = {name: arrays[f"inference_{name}"][actor_id] for name in INFERENCE_INPUTS}
+        self.greedy, self.state = arrays["inference_greedy"][actor_id], arrays["inference_state"][actor_id]
+        self.count = arrays["inference_count"][actor_id : actor_id + 1]
+        self.request = arrays["inference_request"][actor_id : actor_id + 1]
+        self.response = arrays["inference_response"][actor_id : actor_id + 1]
+        self.requests, self.response_ready, self.stop_event, self.parent_pid = requests, response_ready, stop_event, parent_pid
+        self.first_stream = actor_id * num_envs
+        self.acted = np.zeros(num_envs, dtype=bool)  # envs this actor has acted in (their state is on the server)
+        self.wait(int(self.request[0]))  # a restarted actor: the dead one's last request is answered first
+
+    def act(self, ids: np.ndarray, obs: np.ndarray, prev_action: np.ndarray, prev_reward: np.ndarray,
+            first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy actions (n,) int64 and entering states (n, state_size) float32 for the envs ``ids``
+        (n,) of this actor, given their observations (n, *obs_shape) and previous action, reward
+        and first flags (n,)."""
+        n = len(ids)
+        self.inputs["obs"][:n], self.inputs["stream"][:n] = obs, self.first_stream + ids
+        self.inputs["prev_action"][:n], self.inputs["prev_reward"][:n] = prev_action, prev_reward
+        self.inputs["first"][:n], self.inputs["new"][:n] = first, ~self.acted[ids]
+        self.acted[ids] = True
+        self.count[0] = n
+        number = int(self.request[0]) + 1
+        self.request[0] = number  # after the inputs: the inference process reads them once it sees it
+        self.requests.release()
+        self.wait(number)
+        return self.greedy[:n].copy(), self.state[:n].copy()
+
+    def wait(self, number: int) -> None:
+        while self.response[0] != number:
+            if not self.response_ready.acquire(timeout=0.1) and (
+                    self.stop_event.is_set() or os.getppid() != self.parent_pid):
+                raise StopRun("the run stopped while waiting for actions")
+
+
+def inference_server(args: Args, layout: dict, weights_lock, requests, responses: list, stop_event, error_queue,
+                     observation_space, n_actions: int, parent_pid: int, device_name: str) -> None:
+    """Serve every actor's forward passes on ``device_name`` (the learner's device), batching all
+    requests at hand into one forward pass. Keeps the recurrent state of every env (zeroed when an
+    actor starts acting in it) and answers each request with the greedy actions and the states
+    that entered the step. Its weights follow the actors' rule: newer ones are asked for once the
+    actors have taken --actor-update-interval steps each on average since the last refresh, or
+    while they wait (--min-replay-ratio, a checkpoint); its version is every actor's."""
+    ignore_stop_signals("r2d2-inference")
+    arrays = SharedArrays.attach(layout)
+    try:
+        device = torch.device(device_name)
+        A, E = args.num_actors, args.num_envs_per_actor
+        net = make_network(args, observation_space, n_actions).to(device)
+        inputs = {name: arrays[f"inference_{name}"] for name in INFERENCE_INPUTS}
+        greedy_out, state_out, count = arrays["inference_greedy"], arrays["inference_state"], arrays["inference_count"]
+        request, response = arrays["inference_request"], arrays["inference_response"]
+        weights, version = arrays["weights"], arrays["weights_version"]
+        wanted, acting_version = arrays["weights_wanted"][A : A + 1], arrays["actor_weights_version"][:A]
+        pause, learner_behind = arrays["pause"], arrays["learner_behind"]
+        state = net.initial_state(A * E, device)  # (A·E, state_size): entering each env's current obs
+        pinned = device.type == "cuda"
+        staging = torch.empty((A * inputs["obs"].shape[1], *observation_space.shape),
+                              dtype=torch.from_numpy(inputs["obs"][:0]).dtype, pin_memory=pinned)
+        if not wait_for_weights(arrays, parent_pid):
+            return
+        acting_version[:] = load_published_weights(net, weights, version, weights_lock)
+        served = 0  # actor steps served since the last refresh
+        while not stop_event.is_set() and os.getppid() == parent_pid:
+            if served >= args.actor_update_interval * A or pause[0] or learner_behind[0]:
+                wanted[0] = 1
+                if version[0] > acting_version[0]:
+                    acting_version[:] = load_published_weights(net, weights, version, weights_lock)
+                    wanted[0], served = 0, 0
+            if not requests.acquire(timeout=0.05):
+                continue
+            while requests.acquire(block=False):  # one wake-up for every request at hand
+                pass
+            numbers = request.copy()
+            slots = np.flatnonzero(numbers != response)
+            if len(slots) == 0:
+                continue
+            counts = count[slots].copy()
+            rows = [(a, k) for a, k in zip(slots, counts)]
+            total = int(counts.sum())
+            obs = staging[:total]
+            np.concatenate([inputs["obs"][a, :k] for a, k in rows], out=obs.numpy())
+            small = {name: torch.from_numpy(np.concatenate([inputs[name][a, :k] for a, k in rows])).to(device)
+                     for name in ("stream", "prev_action", "prev_reward", "first", "new")}
+            streams = small["stream"]
+            with torch.no_grad():
+                state[streams[small["new"]]] = 0.0
+                entering = state[streams]
+                q, next_state = net(obs.to(device, non_blocking=pinned).unsqueeze(0), small["prev_action"].unsqueeze(0),
+                                    small["prev_reward"].unsqueeze(0), small["first"].unsqueeze(0), entering)
+                state[streams] = next_state
+                greedy, entering = q[0].argmax(dim=-1).cpu().numpy(), entering.cpu().numpy()
+            offset = 0
+            for a, k in rows:
+                greedy_out[a, :k], state_out[a, :k] = greedy[offset : offset + k], entering[offset : offset + k]
+                response[a] = numbers[a]  # after the outputs: the actor reads them once it sees it
+                responses[a].release()
+                offset += k
+            served += len(rows)
+    except Exception:
+        error_queue.put(("inference", traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        arrays.close()
+
+
 # ACTOR PROCESS
 def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_lock, stop_event, episode_queue,
-          error_queue, observation_space, n_actions: int, parent_pid: int, seed_offset: int) -> None:
+          error_queue, observation_space, n_actions: int, parent_pid: int, seed_offset: int,
+          inference_channel: tuple | None = None) -> None:
     """Step ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the network and
     write every step to the shared replay. Env j of this actor is stream / ε rung
     actor_id · num_envs_per_actor + j. Every ``actor_update_interval`` actor steps it asks for
@@ -641,8 +802,10 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
     ``pause`` flag is set (a checkpoint is being written), or once all actors together have
     taken ``total_timesteps`` steps, or the learner is below ``min_replay_ratio``, the actor waits
     between steps, and it resumes with the newest published weights. ``seed_offset`` (the resumed
-    step count, or the step of a restart) gives new episodes."""
-    ignore_stop_signals()
+    step count, or the step of a restart) gives new episodes. With ``inference_channel`` (the
+    inference process's request semaphore and this actor's response semaphore) the forward passes
+    run in the central inference process, which also keeps the weights up to date."""
+    ignore_stop_signals(f"r2d2-actor-{actor_id}")
     arrays = SharedArrays.attach(layout)
     envs = None
     try:
@@ -651,7 +814,7 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
         E = args.num_envs_per_actor
         streams = actor_id * E + np.arange(E)
         epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[streams]
-        net = make_network(args, observation_space, n_actions)
+        net = make_network(args, observation_space, n_actions)  # central inference: only its sizes are used
         replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
         weights, version = arrays["weights"], arrays["weights_version"]
         seed = args.seed + 1000 * (actor_id + 1) + seed_offset
@@ -664,8 +827,11 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
                                thread_niceness=10 if splits > 1 else 0)
         acting_version = arrays["actor_weights_version"][actor_id : actor_id + 1]
         wanted = arrays["weights_wanted"][actor_id : actor_id + 1]
-        acting_version[0] = load_published_weights(net, weights, version, weights_lock)
-        env_actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams)
+        client = None if inference_channel is None else InferenceClient(arrays, actor_id, E, *inference_channel,
+                                                                        stop_event, parent_pid)
+        if client is None:
+            acting_version[0] = load_published_weights(net, weights, version, weights_lock)
+        env_actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams, inference=client)
         steps_since_refresh = 0  # actor steps (batched forward passes)
         steps_before = int(arrays["actor_steps"][actor_id])  # a resumed or restarted actor continues the count
         pause, paused, learner_behind = arrays["pause"], arrays["actor_paused"], arrays["learner_behind"]
@@ -679,11 +845,11 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
                 return  # the learner is gone: nobody will read what we write
             if must_wait():
                 paused[actor_id] = 1
-                wanted[0] = 1  # resume with the newest weights: the learner went on while we waited
+                wanted[0] = client is None  # resume with the newest weights: the learner went on while we waited
                 while must_wait() and not stop_event.is_set() and os.getppid() == parent_pid:
                     time.sleep(0.002)
                 paused[actor_id] = 0
-                if version[0] > acting_version[0]:
+                if client is None and version[0] > acting_version[0]:
                     acting_version[0] = load_published_weights(net, weights, version, weights_lock)
                     wanted[0], steps_since_refresh = 0, 0
                 continue
@@ -691,11 +857,13 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
                 episode_queue.put((episodic_return, episodic_length))
             arrays["actor_steps"][actor_id] = steps_before + env_actor.env_steps
             steps_since_refresh += 1
-            if steps_since_refresh >= args.actor_update_interval:
+            if client is None and steps_since_refresh >= args.actor_update_interval:
                 wanted[0] = 1  # the learner publishes its next update for us
                 if version[0] > acting_version[0]:
                     acting_version[0] = load_published_weights(net, weights, version, weights_lock)
                     wanted[0], steps_since_refresh = 0, 0
+    except StopRun:  # the run stopped while this actor waited for central inference
+        return
     except Exception:
         error_queue.put((f"actor-{actor_id}", traceback.format_exc()))
         raise SystemExit(1)
@@ -713,7 +881,7 @@ def evaluator(args: Args, layout: dict, weights_lock, requests, results, error_q
     (step, weights version, returns (episodes,) float64) on ``results``. It runs beside the
     learner at a lower CPU priority (nice 10), so learning never waits for an evaluation; a
     ``None`` request, or a learner that is gone, ends it."""
-    ignore_stop_signals()
+    ignore_stop_signals("r2d2-evaluator")
     try:
         os.nice(10)
     except OSError:  # not allowed here: it keeps the normal priority
@@ -754,7 +922,10 @@ class Processes:
         self.episode_queues = [self.ctx.Queue() for _ in range(args.num_actors)]
         self.error_queue, self.eval_requests, self.eval_results = self.ctx.Queue(), self.ctx.Queue(), self.ctx.Queue()
         self.actors: list = []
-        self.evaluator = None
+        self.evaluator, self.inference = None, None
+        if args.inference == "central":  # an actor's request wakes the inference process, which answers on the actor's
+            self.inference_requests = self.ctx.Semaphore(0)
+            self.inference_responses = [self.ctx.Semaphore(0) for _ in range(args.num_actors)]
         self.restarts, self.checked_at, self.reported_errors = 0, 0.0, []
         self.cut_streams, self.writer = None, None  # set by the learner (attach)
 
@@ -778,12 +949,21 @@ class Processes:
         return process
 
     def start_actor(self, actor_id: int, seed_offset: int):
+        channel = None
+        if self.inference is not None:
+            channel = (self.inference_requests, self.inference_responses[actor_id])
         return self.spawn(actor, f"actor-{actor_id}", actor_id, self.args, self.arrays.layout, self.replay_kwargs,
                           self.weights_lock, self.stop_event, self.episode_queues[actor_id], self.error_queue,
-                          self.observation_space, self.n_actions, os.getpid(), seed_offset)
+                          self.observation_space, self.n_actions, os.getpid(), seed_offset, channel)
 
-    def start(self, seed_offset: int) -> None:
-        """Start every actor (they wait for the learner's first weights) and the evaluator."""
+    def start(self, seed_offset: int, device: torch.device) -> None:
+        """Start the inference process (central inference, on ``device``), every actor (they wait
+        for the learner's first weights) and the evaluator."""
+        if self.args.inference == "central":
+            self.inference = self.spawn(inference_server, "inference", self.args, self.arrays.layout, self.weights_lock,
+                                        self.inference_requests, self.inference_responses, self.stop_event,
+                                        self.error_queue, self.observation_space, self.n_actions, os.getpid(),
+                                        str(device))
         self.actors = [self.start_actor(actor_id, seed_offset) for actor_id in range(self.args.num_actors)]
         if self.args.eval_episodes > 0:
             self.evaluator = self.spawn(evaluator, "evaluator", self.args, self.arrays.layout, self.weights_lock,
@@ -835,6 +1015,8 @@ class Processes:
             self.actors[actor_id] = self.start_actor(actor_id, global_step + self.restarts)
         if self.evaluator is not None and self.evaluator.exitcode is not None:
             raise StopRun(f"the evaluator died:\n{self.traceback_of(self.evaluator)}")
+        if self.inference is not None and self.inference.exitcode is not None:
+            raise StopRun(f"the inference process died:\n{self.traceback_of(self.inference)}")
 
     def episodes(self):
         """(return, length) of every episode the actors have finished since the last call."""
@@ -849,7 +1031,7 @@ class Processes:
         """Stop every child: the actors at their next step, the evaluator after the evaluation in
         progress; what has not exited after 5 s is killed."""
         self.stop_event.set()
-        children = self.actors + ([self.evaluator] if self.evaluator is not None else [])
+        children = self.actors + [p for p in (self.evaluator, self.inference) if p is not None]
         self.eval_requests.put(None)
         deadline = time.time() + 5
         for p in children:
@@ -864,13 +1046,21 @@ class Processes:
 
 
 # LEARNER: prefetch thread
+PINNED_FIELDS = ("obs", "action", "reward", "first", "terminated", "truncated", "prev_action", "prev_reward",
+                 "initial_state", "weights", "frame_first")  # what batch_to_torch copies to the device
+
+
 class Prefetcher(threading.Thread):
     """Owns the replay's sampling index: syncs it with the actors' write counts, samples the
-    next batches ahead of the learner (queue of ``depth``), applies priority updates."""
+    next batches ahead of the learner (queue of ``depth``), applies priority updates. With ``pin``
+    (a GPU learner) it hands over the batch's arrays as page-locked tensors, so that the learner's
+    copies to the GPU are asynchronous (``batch_to_torch``'s non_blocking) and this thread, not
+    the learner, pays for the copy out of the replay."""
 
-    def __init__(self, replay: SequenceReplayBuffer, batch_size: int, rng: np.random.Generator, depth: int = 2):
+    def __init__(self, replay: SequenceReplayBuffer, batch_size: int, rng: np.random.Generator, depth: int = 2,
+                 pin: bool = False):
         super().__init__(name="prefetch", daemon=True)
-        self.replay, self.batch_size, self.rng = replay, batch_size, rng
+        self.replay, self.batch_size, self.rng, self.pin = replay, batch_size, rng, pin
         self.batches: queue.Queue = queue.Queue(maxsize=depth)
         self.priority_updates: queue.Queue = queue.Queue()
         self.stop = threading.Event()
@@ -895,6 +1085,9 @@ class Prefetcher(threading.Thread):
                 if batch is None:
                     time.sleep(0.01)
                     continue
+                if self.pin:
+                    batch = dataclasses.replace(batch, **{name: torch.from_numpy(getattr(batch, name)).pin_memory()
+                                                          for name in PINNED_FIELDS if getattr(batch, name) is not None})
                 while not self.stop.is_set():
                     try:
                         self.batches.put(batch, timeout=0.05)
@@ -958,7 +1151,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
                 from None
         print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)")
         del checkpoint  # the replay copy can be large
-    prefetcher = Prefetcher(replay, args.batch_size, rng)
+    prefetcher = Prefetcher(replay, args.batch_size, rng, pin=device.type == "cuda")
     weights = Publisher(q_network, arrays, processes.weights_lock, args.num_actors)
 
     def write_checkpoint(final: bool = False) -> None:  # final: of a stopped run, where a failure only prints
@@ -1083,7 +1276,7 @@ class Publisher:
     def __init__(self, q_network: RNNQNetwork, arrays: SharedArrays, lock, num_actors: int):
         self.q_network, self.lock = q_network, lock
         self.weights, self.version = arrays["weights"], arrays["weights_version"]
-        self.wanted = arrays["weights_wanted"][:num_actors]
+        self.wanted = arrays["weights_wanted"][: num_actors + 1]  # the actors', the inference process's
         self.published = -1
 
     def publish(self, updates: int, force: bool = False) -> None:
@@ -1171,6 +1364,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         if frame_stack > 1 and args.num_envs_per_actor % args.env_splits:
             raise ValueError(f"--env-splits ({args.env_splits}) must divide --num-envs-per-actor "
                              f"({args.num_envs_per_actor})")
+        learner_device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if args.inference == "auto":
+            args = dataclasses.replace(args, inference="central" if learner_device.type == "cuda" else "local")
         network = make_network(args, observation_space, n_actions)
         replay_kwargs = replay_arguments(args, observation_space, network.state_size, frame_stack)
         replay_bytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
@@ -1192,12 +1388,17 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     try:
         replay = create_shared_memory(arrays, replay_kwargs, parameters_to_vector(network.parameters()).numel(),
                                       args.num_actors)
+        if args.inference == "central":
+            splits = args.env_splits if frame_stack > 1 else 1
+            create_inference_memory(arrays, args.num_actors, args.num_envs_per_actor // splits, observation_space,
+                                    network.state_size)
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} actors × "
               f"{args.num_envs_per_actor} envs{'' if envs_per_actor_given else ' (default)'}, replay "
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
-              f"{replay.capacity_per_stream:,} per env stream", flush=True)
-        processes.start(seed_offset=checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
-        if not (torch.cuda.is_available() and args.cuda):  # a CPU learner takes the cores the actors leave
+              f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "
+              f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}", flush=True)
+        processes.start(checkpoint["progress"]["global_step"] if checkpoint is not None else 0, learner_device)
+        if learner_device.type == "cpu":  # a CPU learner takes the cores the actors leave
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
         stop.check()  # a stop that came while they started
         return learner(args, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,

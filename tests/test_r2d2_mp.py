@@ -259,12 +259,13 @@ def test_published_weights_reach_other_processes_whole_and_in_order():
         assert len(seen) > 30  # they refreshed along the way, not only at the end
 
 
-def test_cartpole_run_end_to_end(tmp_path):
+@pytest.mark.parametrize("inference", ["local", "central"])
+def test_cartpole_run_end_to_end(tmp_path, inference):
     proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "6000",
-                 "--eval-episodes", "2", "--save-model", *SMALL)
+                 "--eval-episodes", "2", "--save-model", "--inference", inference, *SMALL)
     out, err = wait_clean(proc, timeout=300)
     assert proc.returncode == 0, err
-    assert "GiB in shared memory" in out
+    assert "GiB in shared memory" in out and f"inference {inference}" in out
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
     acc.Reload()
@@ -280,10 +281,12 @@ def test_cartpole_run_end_to_end(tmp_path):
     assert glob.glob(str(tmp_path / "saved_models" / "*" / "model.pt"))
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("when", ["startup", "running"])
-def test_stopped_run_exits_cleanly(tmp_path, stop_signal, when):
-    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000", *SMALL)
+@pytest.mark.parametrize("stop_signal, when, inference", [
+    (signal.SIGINT, "startup", "local"), (signal.SIGINT, "running", "local"), (signal.SIGTERM, "startup", "local"),
+    (signal.SIGTERM, "running", "local"), (signal.SIGINT, "startup", "central"), (signal.SIGINT, "running", "central")])
+def test_stopped_run_exits_cleanly(tmp_path, stop_signal, when, inference):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000",
+                 "--inference", inference, *SMALL)
     if when == "startup":
         time.sleep(1.0)
     else:
@@ -311,20 +314,25 @@ def test_dead_actor_is_restarted_with_its_traceback_then_stops_the_run(tmp_path)
 
 
 def actor_pids(proc):
-    return [pid for pid in descendants(proc.pid) if "spawn_main" in open(f"/proc/{pid}/cmdline").read()
-            and pid not in evaluator_pids(proc)]
+    """The run's actor processes, by the role name they give themselves (r2d2_mp.ignore_stop_signals)."""
+    found = []
+    for pid in descendants(proc.pid):
+        try:
+            if open(f"/proc/{pid}/comm").read().startswith("r2d2-actor-"):
+                found.append(pid)
+        except OSError:  # gone meanwhile
+            pass
+    return found
 
 
-def evaluator_pids(proc):
-    return [pid for pid in descendants(proc.pid) if os.getpriority(os.PRIO_PROCESS, pid) == 10]
-
-
-def test_killed_actor_is_restarted_and_its_streams_are_cut(tmp_path):
+@pytest.mark.parametrize("inference", ["local", "central"])
+def test_killed_actor_is_restarted_and_its_streams_are_cut(tmp_path, inference):
     """SIGKILL an actor mid-run: the run goes on and ends with exit 0; in the replay every
     episode start follows an episode end (the killed actor's streams were marked truncated where
-    they stopped), so no window carries a recurrent state or an n-step return across the cut."""
+    they stopped), so no window carries a recurrent state or an n-step return across the cut.
+    With central inference the new actor's envs start from zero states in the inference process."""
     proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "16000",
-                 "--checkpoint-interval", "15000", "--eval-episodes", "0", *SMALL)
+                 "--checkpoint-interval", "15000", "--eval-episodes", "0", "--inference", inference, *SMALL)
     lines = []
     while not re.match(r"step ([3-9],|1\d,)\d{3}: SPS", lines[-1] if lines else ""):  # mid-run: 3,000+ steps
         lines.append(proc.stdout.readline())
@@ -377,6 +385,19 @@ def test_actor_deaths_beyond_max_actor_restarts_stop_the_run(tmp_path):
     os.kill(victims[0], signal.SIGKILL)
     out, err = wait_clean(proc, timeout=30)
     assert proc.returncode == 1 and "died" in err and "0 of --max-actor-restarts 0" in err
+
+
+def test_a_dead_inference_process_stops_the_run_cleanly(tmp_path):
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000",
+                 "--inference", "central", *SMALL)
+    wait_for_output(proc, tmp_path, "runs/*")
+    deadline = time.time() + 30
+    while not (servers := [pid for pid in descendants(proc.pid) if open(f"/proc/{pid}/comm").read() == "r2d2-inference\n"]):
+        assert time.time() < deadline, "no process named r2d2-inference"
+        time.sleep(0.1)
+    os.kill(servers[0], signal.SIGKILL)
+    out, err = wait_clean(proc, timeout=30)
+    assert proc.returncode == 1 and "the inference process died" in err and "Traceback" not in err, err
 
 
 def test_exception_in_the_learner_cleans_up(tmp_path, monkeypatch):
