@@ -306,8 +306,8 @@ def learner_rates(env_id: str, updates: int) -> dict:
                                   args.burn_in_length, args.sequence_length, args.n_step, args.overlap,
                                   frame_stack=frame_stack)
     rng = np.random.default_rng(0)
-    frame = rng.integers(0, 255, (E, *replay.obs.shape[2:]), dtype=np.uint8) if replay.obs.dtype == np.uint8 \
-        else rng.random((E, *replay.obs.shape[2:]), dtype=np.float32)
+    frame = rng.integers(0, 255, (E, *observation_space.shape), dtype=np.uint8) if replay.obs.dtype == np.uint8 \
+        else rng.random((E, *observation_space.shape), dtype=np.float32)
     for t in range(capacity // E):
         replay.add(np.roll(frame, t, axis=-1), rng.integers(0, n_actions, E), rng.normal(size=E).astype(np.float32),
                    np.zeros(E, bool), np.zeros(E, bool), np.zeros(E, bool), np.zeros((E, q_network.state_size), np.float32))
