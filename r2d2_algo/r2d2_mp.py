@@ -639,11 +639,11 @@ def ignore_stop_signals(name: str) -> None:
     torch.set_num_threads(1)
 
 
-def wait_for_weights(arrays: SharedArrays, parent_pid: int) -> bool:
+def wait_for_weights(arrays: SharedArrays, parent_pid: int, stop_event) -> bool:
     """Wait until the learner has published its first weights (after resuming a checkpoint, if
-    any); False if the learner is gone."""
+    any); False if the run stopped first or the learner is gone."""
     while arrays["weights_version"][0] < 0:
-        if os.getppid() != parent_pid:
+        if os.getppid() != parent_pid or stop_event.is_set():
             return False
         time.sleep(0.01)
     return True
@@ -744,7 +744,7 @@ def inference_server(args: Args, layout: dict, weights_lock, requests, responses
         pinned = device.type == "cuda"
         staging = torch.empty((A * inputs["obs"].shape[1], *observation_space.shape),
                               dtype=torch.from_numpy(inputs["obs"][:0]).dtype, pin_memory=pinned)
-        if not wait_for_weights(arrays, parent_pid):
+        if not wait_for_weights(arrays, parent_pid, stop_event):
             return
         acting_version[:] = load_published_weights(net, weights, version, weights_lock)
         served = 0  # actor steps served since the last refresh
@@ -809,14 +809,7 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
     arrays = SharedArrays.attach(layout)
     envs = None
     try:
-        if not wait_for_weights(arrays, parent_pid):
-            return
         E = args.num_envs_per_actor
-        streams = actor_id * E + np.arange(E)
-        epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[streams]
-        net = make_network(args, observation_space, n_actions)  # central inference: only its sizes are used
-        replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
-        weights, version = arrays["weights"], arrays["weights_version"]
         seed = args.seed + 1000 * (actor_id + 1) + seed_offset
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
@@ -824,7 +817,14 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
         # with splits, the env threads run ahead in the background: the policy thread comes first
         threads = args.env_threads or default_env_threads(args.num_actors)
         envs = make_vector_env(args.env_id, E, seed, num_splits=splits, num_threads=threads,
-                               thread_niceness=10 if splits > 1 else 0)
+                               thread_niceness=10 if splits > 1 else 0)  # built while the learner starts
+        if not wait_for_weights(arrays, parent_pid, stop_event):  # (and, resuming, restores the replay)
+            return
+        streams = actor_id * E + np.arange(E)
+        epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[streams]
+        net = make_network(args, observation_space, n_actions)  # central inference: only its sizes are used
+        replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
+        weights, version = arrays["weights"], arrays["weights_version"]
         acting_version = arrays["actor_weights_version"][actor_id : actor_id + 1]
         wanted = arrays["weights_wanted"][actor_id : actor_id + 1]
         client = None if inference_channel is None else InferenceClient(arrays, actor_id, E, *inference_channel,
