@@ -313,16 +313,26 @@ def test_dead_actor_is_restarted_with_its_traceback_then_stops_the_run(tmp_path)
     assert err.count("RuntimeError: CrashingCartPole: deliberate failure for the test") == 3  # 3 deaths
 
 
-def actor_pids(proc):
-    """The run's actor processes, by the role name they give themselves (r2d2_mp.ignore_stop_signals)."""
-    found = []
-    for pid in descendants(proc.pid):
-        try:
-            if open(f"/proc/{pid}/comm").read().startswith("r2d2-actor-"):
-                found.append(pid)
-        except OSError:  # gone meanwhile
-            pass
-    return found
+def pids_named(proc, prefix, count, timeout=30):
+    """The run's processes whose role name (r2d2_mp.ignore_stop_signals) starts with prefix, once
+    there are ``count`` of them (a child names itself after its imports)."""
+    deadline = time.time() + timeout
+    while True:
+        found = []
+        for pid in descendants(proc.pid):
+            try:
+                if open(f"/proc/{pid}/comm").read().startswith(prefix):
+                    found.append(pid)
+            except OSError:  # gone meanwhile
+                pass
+        if len(found) >= count:
+            return found
+        assert time.time() < deadline, f"{len(found)} of {count} processes named {prefix}*"
+        time.sleep(0.1)
+
+
+def actor_pids(proc, count=2):
+    return pids_named(proc, "r2d2-actor-", count)
 
 
 @pytest.mark.parametrize("inference", ["local", "central"])
@@ -391,11 +401,8 @@ def test_a_dead_inference_process_stops_the_run_cleanly(tmp_path):
     proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000",
                  "--inference", "central", *SMALL)
     wait_for_output(proc, tmp_path, "runs/*")
-    deadline = time.time() + 30
-    while not (servers := [pid for pid in descendants(proc.pid) if open(f"/proc/{pid}/comm").read() == "r2d2-inference\n"]):
-        assert time.time() < deadline, "no process named r2d2-inference"
-        time.sleep(0.1)
-    os.kill(servers[0], signal.SIGKILL)
+    (server,) = pids_named(proc, "r2d2-inference", 1)
+    os.kill(server, signal.SIGKILL)
     out, err = wait_clean(proc, timeout=30)
     assert proc.returncode == 1 and "the inference process died" in err and "Traceback" not in err, err
 
