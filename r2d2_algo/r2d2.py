@@ -46,7 +46,7 @@ from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_ve
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
 from r2d2_algo.stopping import StopRequest, StopRun
-from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, sequence_priorities, stack_frames
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
 
 
 @dataclass
@@ -335,7 +335,7 @@ def r2d2_loss(
     n_step: int,
     eps: float,
     priority_eta: float,
-) -> tuple[torch.Tensor, np.ndarray, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Burn-in from the stored state, n-step double-Q loss and new sequence priorities.
 
     The online network is burned in without gradient on the first l steps, then unrolled with
@@ -350,8 +350,9 @@ def r2d2_loss(
         batch: tensors of a SequenceBatch (time-major, see storage.py).
     Returns:
         loss: scalar tensor with gradient.
-        priorities: (B,) new sequence priorities η·max|δ| + (1−η)·mean|δ|.
-        stats: floats for logging (td_loss, q_values).
+        priorities: (B,) tensor, new sequence priorities η·max|δ| + (1−η)·mean|δ| over the valid
+            trained steps (storage.sequence_priorities is the numpy reference).
+        stats: 0-dim tensors for logging (td_loss, q_values), on the batch's device.
     """
     l, m = burn_in_length, sequence_length
     obs, prev_action, prev_reward, first = batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"]
@@ -370,11 +371,12 @@ def r2d2_loss(
     td = targets - q_taken
     per_sequence = (0.5 * td.pow(2) * mask).sum(0)  # (B,) summed over the valid trained steps
     loss = (batch["weights"] * per_sequence).mean()
-    abs_td = td.detach().abs().cpu().numpy()
-    priorities = sequence_priorities(abs_td, mask.cpu().numpy(), priority_eta)
-    valid = mask.sum().clamp(min=1.0)
-    stats = {"td_loss": float((0.5 * td.detach().pow(2) * mask).sum() / valid),
-             "q_values": float((q_taken.detach() * mask).sum() / valid)}
+    with torch.no_grad():  # priorities and stats stay on the device: update() reads them once, at its end
+        abs_td = td.abs() * mask
+        mean_abs_td = abs_td.sum(0) / mask.sum(0).clamp(min=1.0)
+        priorities = priority_eta * abs_td.max(0).values + (1.0 - priority_eta) * mean_abs_td  # (B,)
+        valid = mask.sum().clamp(min=1.0)
+        stats = {"td_loss": (0.5 * td.pow(2) * mask).sum() / valid, "q_values": (q_taken * mask).sum() / valid}
     return loss, priorities, stats
 
 
@@ -402,10 +404,12 @@ def update(q_network: RNNQNetwork, target_network: RNNQNetwork, optimizer: torch
                                             args.value_rescaling_epsilon, args.priority_eta)
         optimizer.zero_grad()
         loss.backward()
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm))
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
     optimizer.step()
     if updates % args.target_network_update_period == 0:
         target_network.load_state_dict(q_network.state_dict())
+    # the update's one host synchronisation, once all of its work is queued on the device
+    priorities, stats = priorities.cpu().numpy(), {name: float(value) for name, value in stats.items()}
     stats["mean_priority"] = float(np.mean(priorities))
     return priorities, stats
 
