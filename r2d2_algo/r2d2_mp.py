@@ -960,15 +960,19 @@ class Processes:
                           self.weights_lock, self.stop_event, self.episode_queues[actor_id], self.error_queue,
                           self.observation_space, self.n_actions, os.getpid(), seed_offset, channel)
 
-    def start(self, seed_offset: int, device: torch.device) -> None:
+    def start(self, seed_offset: int, device: torch.device, stop_check) -> None:
         """Start the inference process (central inference, on ``device``), every actor (they wait
-        for the learner's first weights) and the evaluator."""
+        for the learner's first weights) and the evaluator. ``stop_check()`` runs after each start
+        (a second each on a busy machine) and raises StopRun to start no more."""
         if self.args.inference == "central":
             self.inference = self.spawn(inference_server, "inference", self.args, self.arrays.layout, self.weights_lock,
                                         self.inference_requests, self.inference_responses, self.stop_event,
                                         self.error_queue, self.observation_space, self.n_actions, os.getpid(),
                                         str(device))
-        self.actors = [self.start_actor(actor_id, seed_offset) for actor_id in range(self.args.num_actors)]
+            stop_check()
+        for actor_id in range(self.args.num_actors):
+            self.actors.append(self.start_actor(actor_id, seed_offset))
+            stop_check()
         if self.args.eval_episodes > 0:
             self.evaluator = self.spawn(evaluator, "evaluator", self.args, self.arrays.layout, self.weights_lock,
                                         self.eval_requests, self.eval_results, self.error_queue,
@@ -1032,12 +1036,13 @@ class Processes:
                     break
 
     def stop(self) -> None:
-        """Stop every child: the actors at their next step, the evaluator after the evaluation in
-        progress; what has not exited after 5 s is killed."""
+        """Stop every child: the actors at their next step, the evaluator between evaluations;
+        what has not exited after 2 s (a child still starting, an evaluation) is killed:
+        the shared memory is the learner's to unlink, so nothing is left behind."""
         self.stop_event.set()
         children = self.actors + [p for p in (self.evaluator, self.inference) if p is not None]
         self.eval_requests.put(None)
-        deadline = time.time() + 5
+        deadline = time.time() + 2
         for p in children:
             p.join(timeout=max(0.0, deadline - time.time()))
         for p in children:
@@ -1401,7 +1406,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
               f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "
               f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}", flush=True)
-        processes.start(checkpoint["progress"]["global_step"] if checkpoint is not None else 0, learner_device)
+        processes.start(checkpoint["progress"]["global_step"] if checkpoint is not None else 0, learner_device,
+                        stop.check)
         if learner_device.type == "cpu":  # a CPU learner takes the cores the actors leave
             torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
         stop.check()  # a stop that came while they started
