@@ -123,6 +123,8 @@ class Args:
     """learner updates between hard target-network copies (paper: 2500)"""
     max_grad_norm: float = 40.0
     """gradient norm clip (Ape-X: 40)"""
+    amp: bool = False
+    """mixed precision: the learner's forward passes in bfloat16 autocast (targets, loss and priorities in float32)"""
     learning_starts: int = 2_000
     """environment steps before learning starts"""
     replay_ratio: float = 32.0
@@ -143,7 +145,7 @@ class Args:
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "progress_bar")
+                  "eval_episodes", "eval_epsilon", "log_interval", "progress_bar", "amp")
 
 
 def check_args(args: Args) -> None:
@@ -362,6 +364,7 @@ def r2d2_loss(
             _, state = q_network(obs[:l], prev_action[:l], prev_reward[:l], first[:l], state)
         q_target, _ = target_network(obs, prev_action, prev_reward, first, batch["initial_state"])  # (W, B, A)
     q_online, _ = q_network(obs[l:], prev_action[l:], prev_reward[l:], first[l:], state)  # (m + n, B, A)
+    q_target, q_online = q_target.float(), q_online.float()  # under --amp the networks return bfloat16
     with torch.no_grad():
         best_action = q_online.argmax(dim=-1, keepdim=True)  # double Q: online picks, target evaluates
         bootstrap_q = q_target[l:].gather(-1, best_action).squeeze(-1)  # (m + n, B)
@@ -399,9 +402,10 @@ def update(q_network: RNNQNetwork, target_network: RNNQNetwork, optimizer: torch
     the online one. Ctrl-C during the forward and backward pass abandons the update, unapplied
     (StopRun). Returns the batch's new priorities (B,) and floats for logging."""
     with stop.interruptible(q_network, target_network):
-        loss, priorities, stats = r2d2_loss(q_network, target_network, batch, args.burn_in_length,
-                                            args.sequence_length, args.gamma, args.n_step,
-                                            args.value_rescaling_epsilon, args.priority_eta)
+        with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
+            loss, priorities, stats = r2d2_loss(q_network, target_network, batch, args.burn_in_length,
+                                                args.sequence_length, args.gamma, args.n_step,
+                                                args.value_rescaling_epsilon, args.priority_eta)
         optimizer.zero_grad()
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)

@@ -175,3 +175,44 @@ def test_burn_in_gets_no_gradient():
     assert batch["obs"].grad[:l].abs().sum() == 0  # burn-in only unrolls
     assert batch["obs"].grad[l : l + m].abs().sum() > 0
     assert all(p.grad is None for p in target.parameters())
+
+
+def test_bf16_autocast_loss_stays_within_tolerance_of_fp32():
+    """--amp: the same fixed Atari-shaped batch and weights, forward passes under bfloat16 autocast,
+    give the fp32 loss, priorities and gradient direction within tolerance (and do change them:
+    autocast really ran)."""
+    from r2d2_algo import r2d2, r2d2_mp
+    from r2d2_algo.stopping import StopRequest
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    l, m, n, B, A = 6, 10, 3, 4, 6
+    W = l + m + n
+    online = RNNQNetwork(space, A, "lstm", 64, 64, 64)
+    target = RNNQNetwork(space, A, "lstm", 64, 64, 64)
+    target.load_state_dict(online.state_dict())
+    batch = make_batch(rng, W, B, 1, A, online.state_size)
+    batch["obs"] = torch.tensor(rng.integers(0, 255, (W, B, 4, 84, 84), dtype=np.uint8))
+    batch["reward"] = batch["reward"] * 5
+    results = []
+    for amp in (False, True):
+        online.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss, priorities, _ = r2d2_loss(online, target, batch, l, m, 0.997, n, 1e-3, 0.9)
+        loss.backward()
+        results.append((loss.item(), priorities.numpy(), torch.cat([p.grad.flatten() for p in online.parameters()])))
+    (loss_fp32, prio_fp32, grad_fp32), (loss_amp, prio_amp, grad_amp) = results
+    assert loss_amp != loss_fp32  # bfloat16 was used
+    assert loss_amp == pytest.approx(loss_fp32, rel=1e-2)
+    np.testing.assert_allclose(prio_amp, prio_fp32, rtol=2e-2)
+    assert torch.nn.functional.cosine_similarity(grad_amp, grad_fp32, dim=0) > 0.99
+    for script in (r2d2, r2d2_mp):  # and update() runs it behind --amp
+        args = script.Args(amp=True, burn_in_length=l, sequence_length=m, n_step=n)
+        optimizer = torch.optim.Adam(online.parameters(), lr=1e-4, eps=1e-3)
+        stop = StopRequest()
+        try:
+            priorities, stats = script.update(online, target, optimizer, batch, args, 1, stop)
+        finally:
+            stop.restore()
+        assert priorities.dtype == np.float32 and np.isfinite(priorities).all() and np.isfinite(stats["grad_norm"])
