@@ -363,7 +363,7 @@ def test_killed_actor_is_restarted_and_its_streams_are_cut(tmp_path, inference):
         first, terminated, truncated = (replay[name][stream, order] for name in ("first", "terminated", "truncated"))
         ended = terminated | truncated
         np.testing.assert_array_equal(first[1:], ended[:-1], f"stream {stream}: an episode starts where none ended")
-        cuts += int((truncated & ~terminated).sum())
+        cuts += int(truncated.sum())  # a cut on a terminal step is marked too
     assert cuts >= 2  # the killed actor's two streams (CartPole's own 500-step limit is seldom reached here)
 
 
