@@ -10,6 +10,10 @@ layout declared in ``create_shared_memory``):
     actor() × N   envs + CPU copy of the network, ε-greedy; writes every step straight into the
                   replay's shared arrays (obs, action, reward, flags, stored state, write counts);
                   every --actor-update-interval actor steps asks for newer weights and loads them
+    inference_server()  (--inference central) the network on the learner's device and every
+                  env's recurrent state; answers the actors' requests (request slots in shared
+                  memory, ``create_inference_memory``) with batched forward passes; the actors
+                  then hold no network
     evaluator()   CPU copy of the published weights; plays evaluation episodes when asked
     learner()     main process, GPU when available:
                     Prefetcher thread: syncs the replay index with the actors' write counts,
