@@ -1,0 +1,960 @@
+"""R2D2 beyond one machine (Kapturowski et al., ICLR 2019): the roles of r2d2_mp.py as Ray actors.
+
+    python r2d2_algo/r2d2_ray.py --env-id PongNoFrameskip-v4                 # an embedded local Ray
+    python r2d2_algo/r2d2_ray.py --env-id PongNoFrameskip-v4 --ray-address HOST:PORT   # a cluster
+
+The algorithm is r2d2_mp.py's, in the same lines (diff the two files: what differs is the
+plumbing). The roles, each a Ray actor except the learner:
+
+    EnvWorker × N   envs + CPU copy of the network, ε-greedy (r2d2_mp's EnvActor); steps go to a
+                    local block, pushed to its replay shard every --actor-push-interval actor
+                    steps (at most 2 pushes in flight); weights pulled from the WeightStore
+                    every --actor-update-interval actor steps (one ray.put per publication)
+    ReplayShard × S a SequenceReplayBuffer (sum tree and all) for the streams of its workers;
+                    adds blocks, samples, updates priorities, cuts the streams of a restarted worker
+    WeightStore     the newest published weights (version, object reference) and the rate limit
+    Evaluator       plays evaluation episodes on published weights when asked
+    learner         the driver (GPU when the cluster has one): samples with at most
+                    --samples-in-flight requests out, trains, sends priorities back, publishes
+
+Env workers restart on failure (--max-actor-restarts, Ray's max_restarts); a restarted worker
+cuts its streams (a time-limit mark) before it writes again. A lost shard, store or evaluator
+stops the run with a one-line reason. Without --ray-address the script starts a local Ray on
+loopback and shuts it down at the end, however the run ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the heavy imports below load: nothing to clean, leave quietly
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import types
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import ray
+import torch
+import tyro
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.tensorboard import SummaryWriter
+
+from r2d2_algo.checkpoint import save_model
+from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
+from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
+from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.stopping import StopRequest, StopRun
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (envs, networks, replay sampling, exploration)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled and CUDA is available, the learner runs on the GPU"""
+    save_model: bool = False
+    """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
+    ray_address: str | None = None
+    """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
+
+    # Environment and acting
+    env_id: str = "PongNoFrameskip-v4"
+    """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
+    total_timesteps: int = 10_000_000
+    """total environment steps (summed over all envs)"""
+    num_actors: int = max(1, (os.cpu_count() or 2) - 1)
+    """env workers (Ray actors, one CPU each; default: this machine's cores left after the learner)"""
+    num_replay_shards: int = 1
+    """replay shards (Ray actors); env worker i writes to shard i mod S"""
+    actor_push_interval: int = 50
+    """actor steps between an env worker's pushes of its steps to its replay shard"""
+    samples_in_flight: int = 2
+    """sample requests the learner keeps out (over all shards)"""
+    num_envs_per_actor: int = 0
+    """environments per actor, acted on with one batched forward pass per env split. 0: 64 (= 2 × 32:
+    the forward pass is bound by reading the weights, so larger batches cost little more per call), or
+    fewer when there are so many actors that each env's replay stream would keep under 8 windows"""
+    env_splits: int = 2
+    """Atari: each actor's envs step in this many batches, one stepping in ale-py's C++ threads while
+    the network acts on another (double buffering); other envs always use 1"""
+    env_threads: int = 0
+    """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
+    actor_update_interval: int = 400
+    """actor steps (batched forward passes, one per env split) between an actor's weight refreshes
+    (paper: 400 steps of an actor's single env); an actor that waited (--min-replay-ratio) also refreshes"""
+    max_actor_restarts: int = 3
+    """each env worker that dies is restarted this many times (Ray's max_restarts; its env streams
+    are cut there); one more death stops the run"""
+    epsilon_base: float = 0.4
+    """ε ladder base over all envs: ε_i = base^(1 + alpha·i/(N−1)) (Ape-X, Sec. 4.1)"""
+    epsilon_alpha: float = 7.0
+    """ε ladder exponent range (Ape-X, Sec. 4.1)"""
+
+    # Network
+    rnn_type: Literal["lstm", "gru", "none"] = "lstm"
+    """recurrent core: lstm (paper), gru, or none (feed-forward ablation: n-step double DQN)"""
+    hidden_size: int = 512
+    """width of the recurrent core (paper: 512)"""
+    torso_size: int = 512
+    """width of the torso output (paper: 512)"""
+    head_hidden_size: int = 512
+    """hidden width of each dueling stream (paper: 512)"""
+
+    # Replay
+    buffer_size: int = 1_000_000
+    """replay capacity in observations (paper: 4,000,000; scale to fit RAM: an Atari step takes ~7 KB)"""
+    burn_in_length: int = 40
+    """burn-in steps l unrolled from the stored state without gradient (paper: 40)"""
+    sequence_length: int = 80
+    """trained steps m per sequence (paper: 80)"""
+    overlap: int = 40
+    """steps shared by consecutive sequences; a new one starts every m − overlap steps (paper: 40)"""
+    priority_exponent: float = 0.9
+    """α: sampling probability ∝ priority^α (paper: 0.9)"""
+    importance_sampling_exponent: float = 0.6
+    """β: importance weights (N·P(i))^−β (paper: 0.6)"""
+    priority_eta: float = 0.9
+    """η: sequence priority = η·max|δ| + (1−η)·mean|δ| (paper: 0.9)"""
+
+    # Learner
+    learning_rate: float = 1e-4
+    """Adam learning rate (paper: 1e-4)"""
+    adam_eps: float = 1e-3
+    """Adam epsilon (paper: 1e-3)"""
+    batch_size: int = 64
+    """sequences per minibatch (paper: 64)"""
+    gamma: float = 0.997
+    """discount γ (paper: 0.997)"""
+    n_step: int = 5
+    """n of the n-step double-Q target (paper: 5)"""
+    value_rescaling_epsilon: float = 1e-3
+    """ε of the value rescaling h(x) = sign(x)(√(|x|+1) − 1) + εx (paper: 1e-3)"""
+    target_network_update_period: int = 2500
+    """learner updates between hard target-network copies (paper: 2500)"""
+    max_grad_norm: float = 40.0
+    """gradient norm clip (Ape-X: 40)"""
+    amp: bool = False
+    """mixed precision: the learner's forward passes in bfloat16 autocast (targets, loss and priorities in float32)"""
+    learning_starts: int = 10_000
+    """environment steps before learning starts"""
+    replay_ratio: float = 0.4
+    """most trained observations sampled per observation added (B·m per update ÷ env steps); the learner
+    waits above it (paper: ≈ 0.4, its 5 updates/s × 64 × 80 against 256 actors × 260 steps/s)"""
+    min_replay_ratio: float = 0.0
+    """fewest trained observations per observation added: the actors wait while the learner is below it
+    (0: the actors never wait, as in the paper; set it when a slow learner, e.g. on CPU, falls behind)"""
+
+    # Evaluation and logging
+    eval_interval: int = 0
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (0: no evaluation)"""
+    eval_epsilon: float = EVAL_EPSILON
+    """ε of evaluation episodes (evaluate.py's default)"""
+    log_interval: int = 20_000
+    """environment steps between scalar logs"""
+
+
+
+def check_args(args: Args) -> None:
+    """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
+    for name in ["total_timesteps", "num_actors", "num_replay_shards", "actor_push_interval", "samples_in_flight",
+                 "env_splits", "actor_update_interval", "hidden_size", "torso_size",
+                 "head_hidden_size", "buffer_size", "sequence_length", "batch_size", "n_step",
+                 "target_network_update_period", "log_interval"]:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "num_envs_per_actor",
+                 "env_threads", "max_actor_restarts"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.learning_rate <= 0 or args.replay_ratio <= 0:
+        raise ValueError("--learning-rate and --replay-ratio must be > 0")
+    if args.value_rescaling_epsilon < 0:
+        raise ValueError(f"--value-rescaling-epsilon must be >= 0, got {args.value_rescaling_epsilon}")
+    if not 0.0 <= args.priority_eta <= 1.0:
+        raise ValueError(f"--priority-eta must be in [0, 1], got {args.priority_eta}")
+    if not 0.0 <= args.eval_epsilon <= 1.0:
+        raise ValueError(f"--eval-epsilon must be in [0, 1], got {args.eval_epsilon}")
+    if not 0.0 <= args.min_replay_ratio <= args.replay_ratio:
+        raise ValueError(f"--min-replay-ratio must be in [0, --replay-ratio={args.replay_ratio}], "
+                         f"got {args.min_replay_ratio}")
+
+
+def make_network(args: Args, observation_space, n_actions: int) -> RNNQNetwork:
+    return RNNQNetwork(observation_space, n_actions, args.rnn_type, args.hidden_size, args.torso_size,
+                       args.head_hidden_size)
+
+
+def make_learner(args: Args, observation_space, n_actions: int, device: torch.device):
+    """The online network, the target network (a copy of it) and the online network's Adam."""
+    q_network = make_network(args, observation_space, n_actions).to(device)
+    target_network = make_network(args, observation_space, n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+    return q_network, target_network, optimizer
+
+
+# ALGO LOGIC: acting
+class EnvActor:
+    """The acting side of R2D2 for a vector of E environments (docs/algorithm.md, pieces 1 and 5).
+
+    Acts ε-greedily on the recurrent Q-network, env i with ε = epsilons[i] (its rung of the
+    Ape-X ladder), carrying the recurrent state through each episode, and writes every step to
+    the replay with the state that entered it (the stored state). With NEXT_STEP autoreset the
+    step after a final observation returns the reset observation, which begins an episode:
+    the core's state is reset there and the previous action/reward are none.
+
+    The envs may be asynchronous (``make_vector_env(num_splits > 1)``): each ``step`` acts in
+    the envs whose observations are at hand and the env returns another batch (its
+    ``info["env_id"]``); a step is written to the replay when its reward comes back. ale-py's
+    ``reset`` returns the first split only; the other splits' reset observations come back
+    from the first ``step`` calls, for envs never acted in: no step is written for them.
+
+    Args:
+        envs: vector env of E envs (NEXT_STEP autoreset), reset here with ``seed``.
+        q_network: network to act with (its current weights are used at every step).
+        replay: SequenceReplayBuffer to write to; ``streams`` (E,) selects its streams.
+        epsilons: (E,) exploration rates.
+        rng: numpy Generator for exploration.
+    """
+
+    def __init__(self, envs, q_network: RNNQNetwork, replay: SequenceReplayBuffer, epsilons: np.ndarray,
+                 rng: np.random.Generator, seed: int, device: torch.device | str = "cpu",
+                 streams: np.ndarray | None = None):
+        self.envs, self.q_network, self.replay, self.epsilons, self.rng = envs, q_network, replay, epsilons, rng
+        self.device = device
+        self.num_envs, self.n_actions = len(epsilons), int(envs.single_action_space.n)
+        E = self.num_envs
+        self.streams = np.arange(E) if streams is None else np.asarray(streams)
+        self.obs, info = envs.reset(seed=seed)
+        self.env_ids = np.asarray(info["env_id"]) if "env_id" in info else np.arange(E)  # envs of `obs`
+        self.state = q_network.initial_state(E, device)  # (E, state_size) entering each env's current obs
+        self.prev_action = np.full(E, -1, dtype=np.int64)
+        self.prev_reward = np.zeros(E, dtype=np.float32)
+        self.first = np.ones(E, dtype=bool)
+        self.obs_terminated = np.zeros(E, dtype=bool)  # the env's current obs is a final observation
+        self.obs_truncated = np.zeros(E, dtype=bool)
+        self.episode_return = np.zeros(E)
+        self.episode_length = np.zeros(E, dtype=np.int64)
+        self.env_steps = 0  # steps written to replay
+        # the step each env is taking: written to replay when its reward comes back
+        self.acting = np.zeros(E, dtype=bool)  # its action was sent and its step has not come back
+        space = envs.single_observation_space
+        self.pending_obs = np.zeros((E, *space.shape), dtype=space.dtype)
+        self.pending_action = np.zeros(E, dtype=np.int64)
+        self.pending_state = np.zeros((E, q_network.state_size), dtype=np.float32)
+
+    def step(self) -> list[tuple[int, float, int]]:
+        """Act once in the envs at hand and write the steps that completed to replay.
+
+        Returns:
+            (env index, return, length in agent steps) of each episode that ended.
+        """
+        ids = self.env_ids
+        state = self.state[ids]
+        with torch.no_grad():
+            q, next_state = self.q_network(
+                torch.as_tensor(self.obs, device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_action[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.prev_reward[ids], device=self.device).unsqueeze(0),
+                torch.as_tensor(self.first[ids], device=self.device).unsqueeze(0),
+                state,
+            )
+        greedy = q[0].argmax(dim=-1).cpu().numpy()
+        self.state[ids] = next_state
+        state = state.cpu().numpy()
+        explore = self.rng.random(len(ids)) < self.epsilons[ids]
+        action = np.where(explore, self.rng.integers(0, self.n_actions, len(ids)), greedy)
+        self.pending_obs[ids], self.pending_action[ids], self.pending_state[ids] = self.obs, action, state
+        self.acting[ids] = True
+        next_obs, reward, terminated, truncated, infos = self.envs.step(action)
+        returned = np.asarray(infos["env_id"]) if "env_id" in infos else ids  # envs of next_obs
+        stepped = self.acting[returned]  # False: an env never acted in, returning its reset observation
+        back = returned[stepped]  # envs whose step completed
+        reward, terminated, truncated = reward[stepped], terminated[stepped], truncated[stepped]
+        self.acting[back] = False
+        self.env_steps += len(back)
+
+        was_final = self.obs_terminated[back] | self.obs_truncated[back]  # this step was the reset
+        self.replay.add(self.pending_obs[back], self.pending_action[back], reward, self.first[back],
+                        self.obs_terminated[back], self.obs_truncated[back], self.pending_state[back],
+                        streams=self.streams[back])
+        self.episode_return[back] += np.where(was_final, 0.0, reward)
+        self.episode_length[back] += ~was_final
+        ended = back[terminated | truncated]
+        finished = [(int(i), float(self.episode_return[i]), int(self.episode_length[i])) for i in ended]
+        self.episode_return[ended], self.episode_length[ended] = 0.0, 0
+        self.first[back] = was_final
+        self.prev_action[back] = np.where(was_final, -1, self.pending_action[back])
+        self.prev_reward[back] = np.where(was_final, 0.0, reward).astype(np.float32)
+        self.obs, self.env_ids = next_obs, returned
+        self.obs_terminated[back], self.obs_truncated[back] = terminated, truncated
+        return finished
+
+
+# ALGO LOGIC: value rescaling and n-step double-Q targets (R2D2 Sec. 2.3; Pohlen et al. 2018)
+def value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """h(x) = sign(x)(√(|x|+1) − 1) + εx, elementwise."""
+    return torch.sign(x) * (torch.sqrt(x.abs() + 1.0) - 1.0) + eps * x
+
+
+def inverse_value_rescale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """h⁻¹(x) = sign(x)·(((√(1 + 4ε(|x| + 1 + ε)) − 1) / 2ε)² − 1), the exact inverse of h."""
+    if eps == 0.0:
+        return torch.sign(x) * ((x.abs() + 1.0) ** 2 - 1.0)
+    return torch.sign(x) * (((torch.sqrt(1.0 + 4.0 * eps * (x.abs() + 1.0 + eps)) - 1.0) / (2.0 * eps)) ** 2 - 1.0)
+
+
+def n_step_targets(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    bootstrap_q: torch.Tensor,
+    gamma: float,
+    n_step: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """R2D2 targets y_t = h(Σ_{k<n} γ^k r_{t+k} + γ^n h⁻¹(q̂_{t+n})) for t = 0..L−n−1.
+
+    An episode end inside the n steps stops the sum there: at a terminated observation
+    nothing is bootstrapped, at a truncated one the value is bootstrapped from that final
+    observation (time limits are not terminal). An observation both terminated and truncated
+    (the last allowed step was also a failure) is terminal. A step whose own observation is
+    final has no target (its action was never executed) and is masked out.
+
+    Args:
+        reward: (L, B) reward after each step's action.
+        terminated, truncated: (L, B) bool flags of each step's observation.
+        bootstrap_q: (L, B) rescaled Q_target(s_j, argmax_a Q_online(s_j, a)) at each step j.
+        gamma, n_step, eps: discount γ, n, value-rescaling ε.
+    Returns:
+        targets: (L − n, B) float, rescaled targets y_t.
+        mask: (L − n, B) float, 1 where step t has a target.
+    """
+    T = reward.shape[0] - n_step
+    last = terminated | truncated
+    running = ~last[:T]  # (T, B) the step has a target and its episode is still going
+    mask = running.float()
+    discounted = torch.zeros_like(reward[:T])
+    bootstrap = torch.zeros_like(reward[:T])
+    value = inverse_value_rescale(bootstrap_q, eps)  # (L, B) unrescaled values
+    for k in range(n_step):
+        discounted += running * (gamma**k) * reward[k : k + T]
+        ends = running & last[k + 1 : k + 1 + T]
+        # termination wins over a time limit at the same step (gymnasium's TimeLimit sets both)
+        truncated_only = truncated[k + 1 : k + 1 + T] & ~terminated[k + 1 : k + 1 + T]
+        bootstrap += (ends & truncated_only) * (gamma ** (k + 1)) * value[k + 1 : k + 1 + T]
+        running = running & ~last[k + 1 : k + 1 + T]
+    bootstrap += running * (gamma**n_step) * value[n_step : n_step + T]
+    return value_rescale(discounted + bootstrap, eps), mask
+
+
+def r2d2_loss(
+    q_network: RNNQNetwork,
+    target_network: RNNQNetwork,
+    batch: dict[str, torch.Tensor],
+    burn_in_length: int,
+    sequence_length: int,
+    gamma: float,
+    n_step: int,
+    eps: float,
+    priority_eta: float,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Burn-in from the stored state, n-step double-Q loss and new sequence priorities.
+
+    The online network is burned in without gradient on the first l steps, then unrolled with
+    gradient on the remaining m + n; the target network unrolls the whole window from the
+    same stored state (R2D2 Sec. 3, "burn-in"). Loss per sequence = sum over its valid
+    trained steps of ½δ², weighted by the importance weights, averaged over the batch. The
+    sum over time is the reduction of Acme's and SEED RL's R2D2 learners, which pair it with
+    the paper's Adam ε of 1e-3 (the paper does not state it); a mean over the m steps would
+    shrink every gradient m-fold, below the scale at which Adam's ε damps the step.
+
+    Args:
+        batch: tensors of a SequenceBatch (time-major, see storage.py).
+    Returns:
+        loss: scalar tensor with gradient.
+        priorities: (B,) tensor, new sequence priorities η·max|δ| + (1−η)·mean|δ| over the valid
+            trained steps (storage.sequence_priorities is the numpy reference).
+        stats: 0-dim tensors for logging (td_loss, q_values), on the batch's device.
+    """
+    l, m = burn_in_length, sequence_length
+    obs, prev_action, prev_reward, first = batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"]
+    state = batch["initial_state"]
+    with torch.no_grad():
+        if l > 0:
+            _, state = q_network(obs[:l], prev_action[:l], prev_reward[:l], first[:l], state)
+        q_target, _ = target_network(obs, prev_action, prev_reward, first, batch["initial_state"])  # (W, B, A)
+    q_online, _ = q_network(obs[l:], prev_action[l:], prev_reward[l:], first[l:], state)  # (m + n, B, A)
+    q_target, q_online = q_target.float(), q_online.float()  # under --amp the networks return bfloat16
+    with torch.no_grad():
+        best_action = q_online.argmax(dim=-1, keepdim=True)  # double Q: online picks, target evaluates
+        bootstrap_q = q_target[l:].gather(-1, best_action).squeeze(-1)  # (m + n, B)
+        targets, mask = n_step_targets(batch["reward"][l:], batch["terminated"][l:], batch["truncated"][l:],
+                                       bootstrap_q, gamma, n_step, eps)  # (m, B)
+    q_taken = q_online[:m].gather(-1, batch["action"][l : l + m].unsqueeze(-1)).squeeze(-1)  # (m, B)
+    td = targets - q_taken
+    per_sequence = (0.5 * td.pow(2) * mask).sum(0)  # (B,) summed over the valid trained steps
+    loss = (batch["weights"] * per_sequence).mean()
+    with torch.no_grad():  # priorities and stats stay on the device: update() reads them once, at its end
+        abs_td = td.abs() * mask
+        mean_abs_td = abs_td.sum(0) / mask.sum(0).clamp(min=1.0)
+        priorities = priority_eta * abs_td.max(0).values + (1.0 - priority_eta) * mean_abs_td  # (B,)
+        valid = mask.sum().clamp(min=1.0)
+        stats = {"td_loss": (0.5 * td.pow(2) * mask).sum() / valid, "q_values": (q_taken * mask).sum() / valid}
+    return loss, priorities, stats
+
+
+def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int = 1) -> dict[str, torch.Tensor]:
+    """numpy SequenceBatch -> dict of tensors on ``device``; frame stacks are rebuilt there."""
+    names = ["obs", "action", "reward", "first", "terminated", "truncated", "prev_action", "prev_reward",
+             "initial_state", "weights"]
+    out = {name: torch.as_tensor(getattr(batch, name)).to(device, non_blocking=True) for name in names}
+    if frame_stack > 1:
+        frame_first = torch.as_tensor(batch.frame_first).to(device, non_blocking=True)
+        out["obs"] = stack_frames(out["obs"], frame_first, frame_stack)  # (W, B, stack, H, W)
+    return out
+
+
+# ALGO LOGIC: one learner update
+def update(q_network: RNNQNetwork, target_network: RNNQNetwork, optimizer: torch.optim.Optimizer,
+           batch: dict[str, torch.Tensor], args: Args, updates: int, stop: StopRequest) -> tuple[np.ndarray, dict]:
+    """One Adam step on the R2D2 loss of ``batch``, gradients clipped to --max-grad-norm; every
+    --target-network-update-period updates (``updates`` counts this one) the target network copies
+    the online one. Ctrl-C during the forward and backward pass abandons the update, unapplied
+    (StopRun). Returns the batch's new priorities (B,) and floats for logging."""
+    with stop.interruptible(q_network, target_network):
+        with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
+            loss, priorities, stats = r2d2_loss(q_network, target_network, batch, args.burn_in_length,
+                                                args.sequence_length, args.gamma, args.n_step,
+                                                args.value_rescaling_epsilon, args.priority_eta)
+        optimizer.zero_grad()
+        loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
+    optimizer.step()
+    if updates % args.target_network_update_period == 0:
+        target_network.load_state_dict(q_network.state_dict())
+    # the update's one host synchronisation, once all of its work is queued on the device
+    priorities, stats = priorities.cpu().numpy(), {name: float(value) for name, value in stats.items()}
+    stats["mean_priority"] = float(np.mean(priorities))
+    return priorities, stats
+
+
+def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: SequenceReplayBuffer, stats: dict,
+                epsilon: float, last: dict, args: Args) -> tuple[float, float]:
+    """The scalars of a log interval (README: Logged quantities); ``last`` holds the time, step,
+    update and sequence counts of the previous log and is updated. Returns the interval's SPS and
+    learner updates per second."""
+    dt = time.time() - last["time"]
+    sps, updates_per_second = (global_step - last["step"]) / dt, (updates - last["updates"]) / dt
+    writer.add_scalar("charts/SPS", sps, global_step)
+    writer.add_scalar("charts/epsilon", epsilon, global_step)
+    writer.add_scalar("charts/updates_per_second", updates_per_second, global_step)
+    writer.add_scalar("charts/learner_updates", updates, global_step)
+    writer.add_scalar("replay/size", replay.size, global_step)
+    writer.add_scalar("replay/sequences_added_per_second", (replay.num_sequences_added - last["added"]) / dt,
+                      global_step)
+    writer.add_scalar("replay/sequences_sampled_per_second", (updates - last["updates"]) * args.batch_size / dt,
+                      global_step)
+    writer.add_scalar("replay/replay_ratio", updates * args.batch_size * args.sequence_length / max(global_step, 1),
+                      global_step)
+    writer.add_scalar("replay/max_priority", replay.max_priority, global_step)
+    if stats:
+        writer.add_scalar("replay/mean_priority", stats["mean_priority"], global_step)
+        writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
+        writer.add_scalar("losses/q_values", stats["q_values"], global_step)
+        writer.add_scalar("losses/grad_norm", stats["grad_norm"], global_step)
+    last.update(time=time.time(), step=global_step, updates=updates, added=replay.num_sequences_added)
+    return sps, updates_per_second
+
+
+def initial_progress(args: Args) -> dict:
+    """The training loop's counters."""
+    return {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
+            "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
+            "next_checkpoint": 0, "learn_from": args.learning_starts, "updates_base": 0}
+
+
+def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
+    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
+    arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
+    folder; the events logged after its checkpoint are purged."""
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
+    if global_step == 0:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
+    with open(f"runs/{run_name}/args.json", "w") as f:
+        json.dump(vars(args), f, indent=1)
+    return writer
+
+
+def log_evaluation(writer: SummaryWriter, returns: np.ndarray, global_step: int, wall_clock: float) -> None:
+    """eval/* scalars of one evaluation."""
+    writer.add_scalar("eval/episodic_return", float(returns.mean()), global_step)
+    writer.add_scalar("eval/episodic_return_std", float(returns.std()), global_step)
+    writer.add_scalar("eval/wall_clock_seconds", wall_clock, global_step)
+
+
+def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, observation_space, n_actions: int,
+                            writer: SummaryWriter, global_step: int, wall_clock: float, device) -> None:
+    """--save-model: write saved_models/{run_name}/model.pt, then evaluate the saved file as
+    evaluate.py does and log that as the run's final evaluation."""
+    model_path = f"saved_models/{run_name}/model.pt"
+    save_model(model_path, q_network, args, observation_space, n_actions)
+    print(f"model saved to {model_path}")
+    if args.eval_episodes > 0:
+        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+        log_evaluation(writer, np.array(result["returns"]), global_step, wall_clock)
+        print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
+              f"(written to {result['output']})", flush=True)
+
+
+
+
+# RAY PLUMBING
+def replay_arguments(args: Args, observation_space, state_size: int, frame_stack: int, num_streams: int) -> dict:
+    """Constructor arguments of one replay shard holding ``num_streams`` env streams (its share of
+    --buffer-size). A shard is its streams' only writer, so it needs no overwrite margin."""
+    return dict(
+        num_streams=num_streams, capacity=args.buffer_size // args.num_replay_shards,
+        obs_shape=observation_space.shape, obs_dtype=observation_space.dtype, state_size=state_size,
+        burn_in_length=args.burn_in_length, sequence_length=args.sequence_length, n_step=args.n_step,
+        overlap=args.overlap, priority_exponent=args.priority_exponent,
+        importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack)
+
+
+def shard_of(worker_id: int, args: Args) -> tuple[int, np.ndarray]:
+    """Env worker ``worker_id``'s replay shard and its streams there (E,) int64."""
+    E = args.num_envs_per_actor
+    return worker_id % args.num_replay_shards, (worker_id // args.num_replay_shards) * E + np.arange(E)
+
+
+def workers_of_shard(shard: int, args: Args) -> int:
+    return len(range(shard, args.num_actors, args.num_replay_shards))
+
+
+class ReplayShard:
+    """A Ray actor holding one SequenceReplayBuffer: env workers push blocks of steps, the learner
+    samples batches and sends priorities back. Its memory is allocated, and stated, at start."""
+
+    def __init__(self, replay_kwargs: dict, seed: int):
+        self.replay = SequenceReplayBuffer(**replay_kwargs)
+        self.rng = np.random.default_rng(seed)
+        self.steps, self.episodes, self.versions = 0, [], {}
+        self.nbytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
+
+    def node(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), self.nbytes
+
+    def add_block(self, block: list[tuple], episodes: list[tuple[float, int]], worker_id: int, version: int) -> None:
+        """Append a worker's steps; ``version``: the weights it acts with (for the parameter lag)."""
+        self.versions[worker_id] = version
+        for step in block:  # (obs, action, reward, first, terminated, truncated, state, streams), in order
+            self.replay.add(*step)
+            self.steps += len(step[-1])
+        self.episodes.extend(episodes)
+
+    def truncate_streams(self, streams: np.ndarray) -> None:
+        self.replay.truncate_streams(streams)
+
+    def sample(self, batch_size: int) -> SequenceBatch | None:
+        return self.replay.sample(batch_size, self.rng) if self.replay.num_valid_sequences else None
+
+    def update_priorities(self, indices: np.ndarray, sequence_ids: np.ndarray, priorities: np.ndarray) -> None:
+        self.replay.update_priorities(indices, sequence_ids, priorities)
+
+    def stats(self) -> dict:
+        """Counters for the learner, and the episodes finished since the last call."""
+        episodes, self.episodes = self.episodes, []
+        return {"steps": self.steps, "size": self.replay.size, "added": self.replay.num_sequences_added,
+                "max_priority": self.replay.max_priority, "valid": self.replay.num_valid_sequences,
+                "episodes": episodes, "versions": dict(self.versions)}
+
+
+class WeightStore:
+    """A Ray actor holding the newest published weights (version, [object reference]) and the
+    rate limit flag (the learner is below --min-replay-ratio: env workers wait)."""
+
+    def __init__(self):
+        self.version, self.ref, self.learner_behind = -1, None, False
+
+    def publish(self, version: int, ref: list, learner_behind: bool) -> None:
+        self.version, self.ref, self.learner_behind = version, ref, learner_behind
+
+    def set_learner_behind(self, learner_behind: bool) -> None:
+        self.learner_behind = learner_behind
+
+    def newer(self, version: int) -> tuple[int, list | None, bool]:
+        """(version, [ref] if newer than ``version`` else None, learner_behind)."""
+        return self.version, (self.ref if self.version > version else None), self.learner_behind
+
+
+class StepBlock:
+    """The env worker's replay: collects the steps EnvActor adds, for one push to the shard.
+    Atari observations keep their newest frame only (the shard stores single frames)."""
+
+    def __init__(self, frame_stack: int):
+        self.frame_stack, self.steps, self.episodes = frame_stack, [], []
+
+    def add(self, obs, action, reward, first, terminated, truncated, state, streams) -> None:
+        if self.frame_stack > 1:
+            obs = obs[:, -1:]  # SequenceReplayBuffer.add keeps obs[:, -1]
+        self.steps.append((np.array(obs), np.array(action), np.array(reward), np.array(first), np.array(terminated),
+                           np.array(truncated), np.array(state), np.array(streams)))
+
+    def take(self) -> tuple[list, list]:
+        steps, episodes, self.steps, self.episodes = self.steps, self.episodes, [], []
+        return steps, episodes
+
+
+class EnvWorker:
+    """A Ray actor stepping ``num_envs_per_actor`` envs with ε-greedy actions of a CPU copy of the
+    network (EnvActor), pushing its steps to its replay shard in blocks (at most 2 in flight).
+    Env j of worker i is ε rung i·E + j. A worker Ray restarted after a failure first cuts its
+    streams in the shard (a time-limit mark), then starts new episodes."""
+
+    def __init__(self, worker_id: int, args: Args, shard, store, observation_space, n_actions: int):
+        torch.set_num_threads(1)
+        self.args, self.shard, self.store, self.worker_id = args, shard, store, worker_id
+        E = args.num_envs_per_actor
+        _, self.streams = shard_of(worker_id, args)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        seed = args.seed + 1000 * (worker_id + 1) + (int(time.time()) % 100_000 if self.restarted else 0)
+        if self.restarted:
+            ray.get(shard.truncate_streams.remote(self.streams))
+        frame_stack = frame_stack_of(args.env_id)
+        splits = args.env_splits if frame_stack > 1 else 1
+        envs = make_vector_env(args.env_id, E, seed, num_splits=splits,
+                               num_threads=args.env_threads or 1, thread_niceness=10 if splits > 1 else 0)
+        epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[worker_id * E + np.arange(E)]
+        self.net = make_network(args, observation_space, n_actions)
+        self.block = StepBlock(frame_stack)
+        self.version = -1
+        while self.version < 0:  # the learner's first weights
+            self.refresh()
+            time.sleep(0.05)
+        self.env_actor = EnvActor(envs, self.net, self.block, epsilons, np.random.default_rng(seed), seed,
+                                  streams=self.streams)
+
+    def node(self) -> tuple[str, bool]:
+        return ray.util.get_node_ip_address(), self.restarted
+
+    def refresh(self) -> bool:
+        """Load newer published weights, if any; returns whether the learner is behind."""
+        version, ref, learner_behind = ray.get(self.store.newer.remote(self.version))
+        if ref is not None:
+            vector_to_parameters(torch.from_numpy(np.array(ray.get(ref[0]))), self.net.parameters())
+            self.version = version
+        return learner_behind
+
+    def run(self) -> None:
+        """Act until the run ends (Ray kills the actor then)."""
+        pushes, steps_since_refresh, learner_behind = [], 0, False
+        while True:
+            while learner_behind:  # the learner is below --min-replay-ratio
+                time.sleep(0.005)
+                learner_behind = self.refresh()
+                steps_since_refresh = 0
+            for _, episodic_return, episodic_length in self.env_actor.step():
+                self.block.episodes.append((episodic_return, episodic_length))
+            steps_since_refresh += 1
+            if len(self.block.steps) >= self.args.actor_push_interval:
+                if len(pushes) >= 2:  # a bound on the pushes in flight
+                    _, pushes = ray.wait(pushes, num_returns=1)
+                pushes.append(self.shard.add_block.remote(*self.block.take(), self.worker_id, self.version))
+            if steps_since_refresh >= self.args.actor_update_interval:
+                learner_behind, steps_since_refresh = self.refresh(), 0
+
+
+
+class Evaluator:
+    """A Ray actor playing evaluation episodes on published weights (CPU)."""
+
+    def __init__(self, args: Args, observation_space, n_actions: int):
+        torch.set_num_threads(1)
+        self.args, self.net = args, make_network(args, observation_space, n_actions)
+
+    def evaluate(self, weights: list, step: int) -> tuple[int, np.ndarray]:
+        vector_to_parameters(torch.from_numpy(np.array(ray.get(weights[0]))), self.net.parameters())
+        returns, _ = evaluate(self.net, self.args.env_id, self.args.eval_episodes, self.args.seed + EVAL_SEED_OFFSET,
+                              "cpu", self.args.eval_epsilon)
+        return step, np.asarray(returns, dtype=np.float64)
+
+
+class Cluster:
+    """The Ray actors of a run: starts them (each one's node is printed), re-runs a restarted env
+    worker, and reports a lost one. ``cut`` counts the env worker restarts."""
+
+    def __init__(self, args: Args, observation_space, n_actions: int, state_size: int, frame_stack: int):
+        self.args = args
+        E = args.num_envs_per_actor
+        self.store = ray.remote(num_cpus=0)(WeightStore).remote()
+        self.shards = [ray.remote(num_cpus=0)(ReplayShard).remote(
+            replay_arguments(args, observation_space, state_size, frame_stack, workers_of_shard(i, args) * E),
+            args.seed + i) for i in range(args.num_replay_shards)]
+        worker_class = ray.remote(num_cpus=1, max_restarts=args.max_actor_restarts)(EnvWorker)
+        self.workers = [worker_class.remote(i, args, self.shards[shard_of(i, args)[0]], self.store, observation_space,
+                                            n_actions) for i in range(args.num_actors)]
+        self.evaluator = ray.remote(num_cpus=0)(Evaluator).remote(args, observation_space, n_actions) \
+            if args.eval_episodes > 0 else None
+        self.runs = {}
+        self.restarts = 0
+
+    def describe(self) -> None:
+        for i, shard in enumerate(self.shards):
+            node, nbytes = ray.get(shard.node.remote())
+            print(f"replay shard {i} on node {node}: {nbytes / 2**30:.2f} GiB", flush=True)
+
+    def start_workers(self) -> None:
+        """Start every worker's acting loop (after the first weights are published)."""
+        nodes = ray.get([w.node.remote() for w in self.workers], timeout=600)  # they have built their envs
+        for i, (node, _) in enumerate(nodes):
+            print(f"env worker {i} on node {node}", flush=True)
+        for i, worker in enumerate(self.workers):  # a worker answers no other call after this one
+            self.runs[worker.run.remote()] = i
+
+    def supervise(self, global_step: int, writer: SummaryWriter) -> None:
+        """An env worker whose acting loop ended has died: Ray restarts it (up to
+        --max-actor-restarts); its loop is started again. Beyond that, raises StopRun."""
+        done, _ = ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
+        for ref in done:
+            i = self.runs.pop(ref)
+            try:
+                ray.get(ref)
+                reason = "its loop returned"
+            except ray.exceptions.RayActorError as e:
+                reason = str(e).strip().splitlines()[0][:200]
+            except ray.exceptions.RayError as e:
+                reason = str(e).strip().splitlines()[-1][:200]
+            if self.restarts >= self.args.max_actor_restarts:
+                raise StopRun(f"env worker {i} died ({self.restarts} of --max-actor-restarts "
+                              f"{self.args.max_actor_restarts} restarts used): {reason}")
+            self.restarts += 1
+            print(f"r2d2_ray.py: env worker {i} died at step {global_step:,}; restart {self.restarts} of "
+                  f"{self.args.max_actor_restarts}: {reason}", file=sys.stderr, flush=True)
+            writer.add_text("actor_restarts", f"step {global_step}: env worker {i} died: {reason}", global_step)
+            self.runs[self.workers[i].run.remote()] = i
+
+    def kill(self) -> None:
+        for actor in [*self.workers, *self.shards, self.store, *([self.evaluator] if self.evaluator else [])]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+
+def to_writable(batch: SequenceBatch) -> SequenceBatch:
+    """Arrays out of Ray's object store are read-only: copies torch can take."""
+    return dataclasses.replace(batch, **{f.name: np.array(getattr(batch, f.name))
+                                         for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None})
+
+
+# LEARNER (the driver)
+def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_actions: int, frame_stack: int,
+            stop: StopRequest) -> int:
+    """Train on the replay shards the env workers fill; returns the exit code."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
+    epsilons = epsilon_ladder(args.num_actors * args.num_envs_per_actor, args.epsilon_base, args.epsilon_alpha)
+    progress = initial_progress(args)
+    writer = open_writer(run_name, args, 0, epsilons)
+    start_time = time.time()
+
+    def publish(updates: int, learner_behind: bool) -> list:
+        weights = [ray.put(parameters_to_vector(q_network.parameters()).detach().cpu().numpy())]
+        cluster.store.publish.remote(updates, weights, learner_behind)
+        return weights
+
+    publish(0, False)
+    cluster.start_workers()
+    stats_ref, shard_stats = None, [ray.get(s.stats.remote()) for s in cluster.shards]
+    samples, next_shard = [], 0
+    evaluation = None
+    last = {"time": time.time(), "step": 0, "updates": 0, "added": 0}
+    global_step, updates, stats, learner_behind = 0, 0, {}, False
+    recent_returns: list[float] = []
+    try:
+        while global_step < args.total_timesteps:
+            stop.check()
+            cluster.supervise(global_step, writer)
+            if stats_ref is None:
+                stats_ref = [s.stats.remote() for s in cluster.shards]
+            if not ray.wait(stats_ref, num_returns=len(stats_ref), timeout=0)[1]:
+                shard_stats, stats_ref = ray.get(stats_ref), None
+                for shard in shard_stats:
+                    for episodic_return, episodic_length in shard["episodes"]:
+                        recent_returns = (recent_returns + [episodic_return])[-20:]
+                        writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                        writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            global_step = sum(shard["steps"] for shard in shard_stats)
+            valid = sum(shard["valid"] for shard in shard_stats)
+
+            # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
+            learn_from = progress["learn_from"]
+            trained = updates * args.batch_size * args.sequence_length
+            behind = global_step >= learn_from and valid > 0 and trained < args.min_replay_ratio * (global_step - learn_from)
+            if behind != learner_behind:
+                learner_behind = behind
+                cluster.store.set_learner_behind.remote(behind)
+            if global_step >= learn_from and valid > 0 and trained <= args.replay_ratio * (global_step - learn_from):
+                while len(samples) < args.samples_in_flight:  # a bound on the sample requests out
+                    samples.append((next_shard, cluster.shards[next_shard].sample.remote(args.batch_size)))
+                    next_shard = (next_shard + 1) % len(cluster.shards)
+                shard, ref = samples.pop(0)
+                batch = ray.get(ref)
+                if batch is not None:
+                    batch = to_writable(batch)
+                    priorities, stats = update(q_network, target_network, optimizer,
+                                               batch_to_torch(batch, device, frame_stack), args, updates + 1, stop)
+                    cluster.shards[shard].update_priorities.remote(batch.indices, batch.sequence_ids, priorities)
+                    updates = progress["updates"] = updates + 1
+                    if updates % args.actor_update_interval == 0 or updates == 1:
+                        publish(updates, learner_behind)
+            else:
+                time.sleep(0.005)
+
+            if evaluation is not None and ray.wait([evaluation], timeout=0)[0]:
+                step, returns = ray.get(evaluation)
+                log_evaluation(writer, returns, step, time.time() - start_time)
+                print(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+                evaluation = None
+            if cluster.evaluator is not None and evaluation is None and progress["next_eval"] is not None \
+                    and global_step >= progress["next_eval"]:
+                while progress["next_eval"] <= global_step:
+                    progress["next_eval"] += args.eval_interval
+                evaluation = cluster.evaluator.evaluate.remote(publish(updates, learner_behind), global_step)
+                progress["evaluated_at"] = updates
+
+            if global_step >= progress["next_log"]:
+                replay = types.SimpleNamespace(size=sum(s["size"] for s in shard_stats),
+                                               num_sequences_added=sum(s["added"] for s in shard_stats),
+                                               max_priority=max(s["max_priority"] for s in shard_stats))
+                sps, updates_per_second = log_scalars(writer, global_step, updates, replay, stats,
+                                                      float(epsilons.mean()), last, args)
+                versions = [v for shard in shard_stats for v in shard["versions"].values()]
+                if versions:
+                    writer.add_scalar("charts/parameter_lag", updates - float(np.mean(versions)), global_step)
+                writer.add_scalar("charts/actor_restarts", cluster.restarts, global_step)
+                mean_return = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
+                      f"return {mean_return:.1f}, replay {replay.size:,}", flush=True)
+                while progress["next_log"] <= global_step:
+                    progress["next_log"] += args.log_interval
+
+        if evaluation is not None:
+            step, returns = ray.get(evaluation)
+            log_evaluation(writer, returns, step, time.time() - start_time)
+            print(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+        writer.add_scalar("charts/learner_updates", updates, global_step)
+        if args.save_model:
+            save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
+                                    time.time() - start_time, device)
+        elif cluster.evaluator is not None and progress["evaluated_at"] != updates:
+            step, returns = ray.get(cluster.evaluator.evaluate.remote(publish(updates, False), global_step))
+            log_evaluation(writer, returns, step, time.time() - start_time)
+            print(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+        return 0
+    except StopRun as e:
+        print(f"r2d2_ray.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except ray.exceptions.RayError as e:  # a lost shard, store or evaluator
+        print(f"r2d2_ray.py: stopping at step {global_step:,}: a Ray actor was lost: "
+              f"{str(e).strip().splitlines()[0][:200]}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        writer.close()
+
+
+def start_ray(args: Args) -> str | None:
+    """Join --ray-address, or start a local Ray on loopback (127.0.0.2: Ray replaces 127.0.0.1 by
+    the machine's address) with its files in a temporary folder. Returns that folder (None when
+    joining). Raises SystemExit with one line if Ray cannot be reached."""
+    try:
+        if args.ray_address:
+            ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True,
+                     logging_level="ERROR")
+            return None
+        temp_dir = tempfile.mkdtemp(prefix="r2d2_ray_", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+        ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
+                 num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR")
+        return temp_dir
+    except Exception as e:  # ConnectionError, ValueError, RuntimeError from ray.init
+        raise SystemExit(f"r2d2_ray.py: error: cannot start or join Ray"
+                         f"{' at ' + repr(args.ray_address) if args.ray_address else ''}: "
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def main(args: Args) -> int:
+    """Check the arguments, start or join Ray, start the roles, run the learner, and stop
+    everything however the run ends; returns the exit code."""
+    try:
+        check_args(args)
+        observation_space, n_actions = check_env_id(args.env_id)
+        frame_stack = frame_stack_of(args.env_id)
+        if args.num_envs_per_actor == 0:
+            args = dataclasses.replace(args, num_envs_per_actor=64 if frame_stack > 1 else 8)
+        if frame_stack > 1 and args.num_envs_per_actor % args.env_splits:
+            raise ValueError(f"--env-splits ({args.env_splits}) must divide --num-envs-per-actor "
+                             f"({args.num_envs_per_actor})")
+        if args.num_replay_shards > args.num_actors:
+            raise ValueError(f"--num-replay-shards ({args.num_replay_shards}) must be <= --num-actors "
+                             f"({args.num_actors})")
+        network = make_network(args, observation_space, n_actions)
+    except ValueError as e:
+        raise SystemExit(f"r2d2_ray.py: error: {e}") from None
+    run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    stop = StopRequest()
+    temp_dir, cluster = None, None
+    try:
+        temp_dir = start_ray(args)
+        print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} env workers × "
+              f"{args.num_envs_per_actor} envs, {args.num_replay_shards} replay shard(s) of "
+              f"{args.buffer_size // args.num_replay_shards:,} observations, Ray "
+              f"{'at ' + args.ray_address if args.ray_address else 'local (127.0.0.2)'}", flush=True)
+        cluster = Cluster(args, observation_space, n_actions, network.state_size, frame_stack)
+        cluster.describe()
+        stop.check()
+        return learner(args, run_name, cluster, observation_space, n_actions, frame_stack, stop)
+    except StopRun as e:
+        print(f"r2d2_ray.py: stopping: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        if cluster is not None:
+            cluster.kill()
+        if ray.is_initialized():
+            ray.shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        stop.restore()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sys.exit(main(tyro.cli(Args)))
+    except KeyboardInterrupt:
+        print("r2d2_ray.py: interrupted", file=sys.stderr)
+        sys.exit(130)
