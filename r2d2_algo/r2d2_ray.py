@@ -36,6 +36,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import types
@@ -894,6 +895,14 @@ def start_ray(args: Args) -> str | None:
     joining). Raises SystemExit with one line if Ray cannot be reached."""
     try:
         if args.ray_address:
+            if args.ray_address != "auto":  # Ray itself retries an unreachable address for minutes
+                host, _, port = args.ray_address.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"expected HOST:PORT or auto, got {args.ray_address!r}")
+                try:
+                    socket.create_connection((host, int(port)), timeout=5).close()
+                except OSError as e:
+                    raise ConnectionError(f"nothing answers at {args.ray_address} ({e.strerror or e})") from None
             ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True,
                      logging_level="ERROR")
             return None
@@ -903,7 +912,7 @@ def start_ray(args: Args) -> str | None:
         return temp_dir
     except Exception as e:  # ConnectionError, ValueError, RuntimeError from ray.init
         raise SystemExit(f"r2d2_ray.py: error: cannot start or join Ray"
-                         f"{' at ' + repr(args.ray_address) if args.ray_address else ''}: "
+                         f"{' (--ray-address ' + args.ray_address + ')' if args.ray_address else ''}: "
                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
@@ -926,10 +935,10 @@ def main(args: Args) -> int:
     except ValueError as e:
         raise SystemExit(f"r2d2_ray.py: error: {e}") from None
     run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    stop = StopRequest()
-    temp_dir, cluster = None, None
+    temp_dir, cluster, stop = None, None, None
     try:
         temp_dir = start_ray(args)
+        stop = StopRequest()  # after ray.init, whose own SIGTERM handler aborts the process
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} env workers × "
               f"{args.num_envs_per_actor} envs, {args.num_replay_shards} replay shard(s) of "
               f"{args.buffer_size // args.num_replay_shards:,} observations, Ray "
@@ -948,7 +957,8 @@ def main(args: Args) -> int:
             ray.shutdown()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        stop.restore()
+        if stop is not None:
+            stop.restore()
 
 
 if __name__ == "__main__":

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from r2d2_algo import r2d2, r2d2_mp
+from r2d2_algo import r2d2, r2d2_mp, r2d2_ray
 from r2d2_algo.envs import make_vector_env
 from r2d2_algo.model import RNNQNetwork
 from r2d2_algo.stopping import StopRequest
 from r2d2_algo.storage import SequenceReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = [r2d2_mp]  # each compared with r2d2.py
+VARIANTS = [r2d2_mp, r2d2_ray]  # each compared with r2d2.py
 
 
 def random_batch(rng, W, B, obs_dim, n_actions, state_size):

@@ -1,0 +1,119 @@
+"""r2d2_ray.py end to end on an embedded Ray (CPU): a short run, a killed env worker, Ctrl-C,
+bad addresses. Ray's files go to a temporary folder per test (RAY_TMPDIR, HOME), and every test
+checks that no Ray process and no /dev/shm entry of the run is left behind."""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--env-id", "CartPole-v1", "--num-actors", "2", "--num-envs-per-actor", "2", "--hidden-size", "32",
+         "--torso-size", "32", "--head-hidden-size", "32", "--burn-in-length", "4", "--sequence-length", "8",
+         "--overlap", "4", "--batch-size", "16", "--buffer-size", "20000", "--learning-starts", "1000",
+         "--replay-ratio", "4", "--target-network-update-period", "50", "--learning-rate", "1e-3", "--gamma", "0.99",
+         "--log-interval", "1000", "--actor-push-interval", "10"]
+
+
+def ray_processes():
+    """PIDs of live Ray processes (raylet, gcs_server, workers) on this machine."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            cmdline = open(stat, "rb").read().decode(errors="replace")
+            state = open(stat.replace("cmdline", "stat")).read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and ("raylet" in cmdline or "gcs_server" in cmdline or cmdline.startswith("ray::")):
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+@pytest.fixture
+def ray_home():
+    """A short temporary folder for Ray's files (its socket paths must stay under ~100 characters)."""
+    with tempfile.TemporaryDirectory(prefix="rt_", dir="/tmp") as folder:
+        before_shm, before_ray = set(os.listdir("/dev/shm")), set(ray_processes())
+        yield folder
+        deadline = time.time() + 20
+        while set(ray_processes()) - before_ray and time.time() < deadline:
+            time.sleep(0.5)
+        assert not set(ray_processes()) - before_ray, "Ray processes left behind"
+        assert set(os.listdir("/dev/shm")) <= before_shm, "a /dev/shm entry left behind"
+
+
+def start(tmp_path, ray_home, *args):
+    env = dict(os.environ, RAY_TMPDIR=ray_home, HOME=ray_home, OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::DeprecationWarning")
+    return subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_ray.py"), *map(str, args)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def read_until_step(proc, step, timeout=240):
+    """Read the run's output until a progress line at ``step`` environment steps or more."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        assert line, "".join(lines) + proc.stderr.read()
+        lines.append(line)
+        match = re.match(r"step ([\d,]+): SPS", line)
+        if match and int(match.group(1).replace(",", "")) >= step:
+            return lines
+    raise AssertionError("".join(lines))
+
+
+def test_short_run_on_embedded_ray(tmp_path, ray_home):
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "5000", "--eval-episodes", "2")
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    assert "env worker 0 on node 127.0.0.2" in out and "replay shard 0 on node 127.0.0.2" in out
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ["charts/SPS", "charts/updates_per_second", "replay/size", "replay/replay_ratio",
+                "charts/parameter_lag", "losses/td_loss", "charts/episodic_return", "eval/episodic_return"]:
+        assert tag in tags, tag
+    assert acc.Scalars("charts/learner_updates")[-1].value > 0
+    assert not glob.glob(os.path.join(ray_home, "r2d2_ray_*")), "the run's Ray folder was not removed"
+
+
+def test_killed_env_worker_is_restarted(tmp_path, ray_home):
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0")
+    read_until_step(proc, 3000)
+    workers = [pid for pid in ray_processes()
+               if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    assert "died at step" in err and "restart 1 of 3" in err
+
+
+@pytest.mark.parametrize("stop_signal, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_run_exits_cleanly(tmp_path, ray_home, stop_signal, code):
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "10000000")
+    read_until_step(proc, 2000)
+    os.killpg(proc.pid, stop_signal)  # what Ctrl-C in a terminal does: the whole process group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("address, message", [("127.0.0.3:1", "nothing answers at 127.0.0.3:1"),
+                                              ("nonsense", "expected HOST:PORT or auto")])
+def test_bad_ray_address_is_one_line(tmp_path, ray_home, address, message):
+    proc = start(tmp_path, ray_home, "--env-id", "CartPole-v1", "--ray-address", address)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and message in err and len(err.strip().splitlines()) == 1, err
