@@ -40,6 +40,7 @@ import socket
 import tempfile
 import time
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -638,7 +639,9 @@ class EnvWorker:
         self.args, self.shard, self.store, self.worker_id = args, shard, store, worker_id
         E = args.num_envs_per_actor
         _, self.streams = shard_of(worker_id, args)
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray warns about its own use of a deprecated API inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         seed = args.seed + 1000 * (worker_id + 1) + (int(time.time()) % 100_000 if self.restarted else 0)
         if self.restarted:
             ray.get(shard.truncate_streams.remote(self.streams))
