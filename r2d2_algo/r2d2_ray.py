@@ -620,8 +620,8 @@ class StepBlock:
     def add(self, obs, action, reward, first, terminated, truncated, state, streams) -> None:
         if self.frame_stack > 1:
             obs = obs[:, -1:]  # SequenceReplayBuffer.add keeps obs[:, -1]
-        self.steps.append((np.array(obs), np.array(action), np.array(reward), np.array(first), np.array(terminated),
-                           np.array(truncated), np.array(state), np.array(streams)))
+        # EnvActor passes arrays it does not keep (fancy-indexed copies, the env's fresh outputs)
+        self.steps.append((obs, action, reward, first, terminated, truncated, state, streams))
 
     def take(self) -> tuple[list, list]:
         steps, episodes, self.steps, self.episodes = self.steps, self.episodes, [], []
