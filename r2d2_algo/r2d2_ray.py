@@ -490,9 +490,9 @@ def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: S
 
 def initial_progress(args: Args) -> dict:
     """The training loop's counters."""
-    return {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
+    return {"global_step": 0, "updates": 0, "evaluated_at": -1,
             "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
-            "next_checkpoint": 0, "learn_from": args.learning_starts, "updates_base": 0}
+            "learn_from": args.learning_starts}
 
 
 def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
