@@ -8,8 +8,9 @@ plumbing). The roles, each a Ray actor except the learner:
 
     EnvWorker × N   envs + CPU copy of the network, ε-greedy (r2d2_mp's EnvActor); steps go to a
                     local block, pushed to its replay shard every --actor-push-interval actor
-                    steps (at most 2 pushes in flight); weights pulled from the WeightStore
-                    every --actor-update-interval actor steps (one ray.put per publication)
+                    steps (at most 2 pushes in flight); every --actor-update-interval actor
+                    steps it asks the WeightStore for newer weights, which the learner
+                    publishes (one ray.put) after its next update, as in r2d2_mp.py
     ReplayShard × S a SequenceReplayBuffer (sum tree and all) for the streams of its workers;
                     adds blocks, samples, updates priorities, cuts the streams of a restarted worker
     WeightStore     the newest published weights (version, object reference) and the rate limit
@@ -31,6 +32,7 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the heavy imports below load: nothing to clean, leave quietly
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -593,21 +595,65 @@ class ReplayShard:
 
 
 class WeightStore:
-    """A Ray actor holding the newest published weights (version, [object reference]) and the
-    rate limit flag (the learner is below --min-replay-ratio: env workers wait)."""
+    """A Ray actor (asyncio) holding the newest published weights (version, [object reference]) and
+    the rate limit flag (the learner is below --min-replay-ratio: env workers wait).
+
+    As in r2d2_mp.py, the learner publishes when an env worker asks: ``newer`` with nothing newer
+    marks the weights wanted and waits for the next publication; the learner holds one ``wanted``
+    call, answered when a worker asks, and publishes after its next update. The learner also
+    publishes when it catches up with the replay ratio, so that waiting workers resume on the newest
+    weights. Each worker holds one ``until_behind`` call, answered when the learner falls behind."""
 
     def __init__(self):
         self.version, self.ref, self.learner_behind = -1, None, False
+        self.changed, self.asked = asyncio.Event(), asyncio.Event()
 
-    def publish(self, version: int, ref: list, learner_behind: bool) -> None:
-        self.version, self.ref, self.learner_behind = version, ref, learner_behind
+    def _changed(self) -> None:
+        self.changed.set()  # wakes every waiting call; later ones wait on a new event
+        self.changed = asyncio.Event()
 
-    def set_learner_behind(self, learner_behind: bool) -> None:
-        self.learner_behind = learner_behind
+    async def _wait_until(self, done, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while not done() and time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                return
 
-    def newer(self, version: int) -> tuple[int, list | None, bool]:
-        """(version, [ref] if newer than ``version`` else None, learner_behind)."""
+    def _reply(self, version: int) -> tuple[int, list | None, bool]:
         return self.version, (self.ref if self.version > version else None), self.learner_behind
+
+    async def publish(self, version: int, ref: list, learner_behind: bool) -> None:
+        self.version, self.ref, self.learner_behind = version, ref, learner_behind
+        self._changed()
+
+    async def set_learner_behind(self, learner_behind: bool) -> None:
+        self.learner_behind = learner_behind
+        self._changed()
+
+    async def newer(self, version: int, wait_s: float) -> tuple[int, list | None, bool]:
+        """(version, [ref] if newer than ``version`` else None, learner_behind), once weights newer
+        than ``version`` are published (they are asked for), the learner is behind, or ``wait_s`` s pass."""
+        if self.version <= version and not self.learner_behind:
+            self.asked.set()
+        await self._wait_until(lambda: self.version > version or self.learner_behind, wait_s)
+        return self._reply(version)
+
+    async def resume(self, version: int, wait_s: float) -> tuple[int, list | None, bool]:
+        """As ``newer``, once the learner is no longer behind (or ``wait_s`` seconds pass)."""
+        await self._wait_until(lambda: not self.learner_behind, wait_s)
+        return self._reply(version)
+
+    async def until_behind(self) -> bool:
+        """Returns once the learner is behind (below --min-replay-ratio)."""
+        await self._wait_until(lambda: self.learner_behind, float("inf"))
+        return True
+
+    async def wanted(self) -> bool:
+        """Returns once an env worker has asked for weights newer than the published ones."""
+        await self.asked.wait()
+        self.asked.clear()
+        return True
 
 
 class StepBlock:
@@ -654,30 +700,33 @@ class EnvWorker:
         self.block = StepBlock(frame_stack)
         self.version = -1
         while self.version < 0:  # the learner's first weights
-            self.refresh()
-            time.sleep(0.05)
+            self.refresh(ray.get(self.store.newer.remote(self.version, 1.0)))
         self.env_actor = EnvActor(envs, self.net, self.block, epsilons, np.random.default_rng(seed), seed,
                                   streams=self.streams)
 
     def node(self) -> tuple[str, bool]:
         return ray.util.get_node_ip_address(), self.restarted
 
-    def refresh(self) -> bool:
-        """Load newer published weights, if any; returns whether the learner is behind."""
-        version, ref, learner_behind = ray.get(self.store.newer.remote(self.version))
+    def refresh(self, reply: tuple[int, list | None, bool]) -> bool:
+        """Load the weights of a ``WeightStore.newer`` reply, if newer; returns whether the learner is behind."""
+        version, ref, learner_behind = reply
         if ref is not None:
             vector_to_parameters(torch.from_numpy(np.array(ray.get(ref[0]))), self.net.parameters())
             self.version = version
         return learner_behind
 
     def run(self) -> None:
-        """Act until the run ends (Ray kills the actor then)."""
-        pushes, steps_since_refresh, learner_behind = [], 0, False
+        """Act until the run ends (Ray kills the actor then). Every --actor-update-interval actor
+        steps the worker asks the store for newer weights (the learner publishes after its next
+        update) and loads them as soon as the answer comes, acting on in the meantime. While the
+        learner is below --min-replay-ratio it waits, then acts on the newest weights."""
+        pushes, steps_since_refresh, asking = [], 0, None
+        behind = self.store.until_behind.remote()
         while True:
-            while learner_behind:  # the learner is below --min-replay-ratio
-                time.sleep(0.005)
-                learner_behind = self.refresh()
-                steps_since_refresh = 0
+            if ray.wait([behind], timeout=0)[0]:  # the learner is below --min-replay-ratio
+                while self.refresh(ray.get(self.store.resume.remote(self.version, 1.0))):
+                    pass
+                behind, asking, steps_since_refresh = self.store.until_behind.remote(), None, 0
             for _, episodic_return, episodic_length in self.env_actor.step():
                 self.block.episodes.append((episodic_return, episodic_length))
             steps_since_refresh += 1
@@ -685,9 +734,14 @@ class EnvWorker:
                 if len(pushes) >= 2:  # a bound on the pushes in flight
                     _, pushes = ray.wait(pushes, num_returns=1)
                 pushes.append(self.shard.add_block.remote(*self.block.take(), self.worker_id, self.version))
-            if steps_since_refresh >= self.args.actor_update_interval:
-                learner_behind, steps_since_refresh = self.refresh(), 0
-
+            if asking is None and steps_since_refresh >= self.args.actor_update_interval:
+                asking = self.store.newer.remote(self.version, 10.0)
+            if asking is not None and ray.wait([asking], timeout=0)[0]:
+                version_before = self.version
+                self.refresh(ray.get(asking))
+                asking = None
+                if self.version > version_before:
+                    steps_since_refresh = 0  # else (behind, or nothing within 10 s) it asks again
 
 
 class Evaluator:
@@ -793,6 +847,7 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
         return weights
 
     publish(0, False)
+    wanted = cluster.store.wanted.remote()
     cluster.start_workers()
     stats_ref, shard_stats = None, [ray.get(s.stats.remote()) for s in cluster.shards]
     samples, next_shard = [], 0
@@ -822,7 +877,10 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
             behind = global_step >= learn_from and valid > 0 and trained < args.min_replay_ratio * (global_step - learn_from)
             if behind != learner_behind:
                 learner_behind = behind
-                cluster.store.set_learner_behind.remote(behind)
+                if behind:
+                    cluster.store.set_learner_behind.remote(True)
+                else:  # the waiting workers resume on the newest weights
+                    publish(updates, False)
             if global_step >= learn_from and valid > 0 and trained <= args.replay_ratio * (global_step - learn_from):
                 while len(samples) < args.samples_in_flight:  # a bound on the sample requests out
                     samples.append((next_shard, cluster.shards[next_shard].sample.remote(args.batch_size)))
@@ -835,8 +893,9 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
                                                batch_to_torch(batch, device, frame_stack), args, updates + 1, stop)
                     cluster.shards[shard].update_priorities.remote(batch.indices, batch.sequence_ids, priorities)
                     updates = progress["updates"] = updates + 1
-                    if updates % args.actor_update_interval == 0 or updates == 1:
+                    if ray.wait([wanted], timeout=0)[0]:  # an env worker asked for newer weights
                         publish(updates, learner_behind)
+                        wanted = cluster.store.wanted.remote()
             else:
                 time.sleep(0.005)
 

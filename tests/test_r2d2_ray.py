@@ -140,3 +140,43 @@ def test_two_nodes_on_loopback(tmp_path, ray_home):
         assert updates and updates[-1] > 0, out
     finally:
         subprocess.run([*ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_weight_store_publishes_on_request_and_rate_limits():
+    """The WeightStore's protocol (its async methods, without Ray): a worker asking with the newest
+    version marks the weights wanted and gets the next publication as soon as it is made; the
+    learner falling behind wakes the asking worker, and ``resume`` returns only once it catches up.
+    (Before: the learner published every --actor-update-interval *learner updates*, unasked.)"""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT / "r2d2_algo"))
+    from r2d2_ray import WeightStore
+
+    async def protocol():
+        store = WeightStore()
+        await store.publish(0, ["w0"], False)
+        assert await store.newer(-1, 5.0) == (0, ["w0"], False)  # newer ones: at once
+        assert await store.newer(0, 0.05) == (0, None, False)  # nothing newer: waits, then none
+        wanted = asyncio.ensure_future(store.wanted())
+        await asyncio.sleep(0)
+        assert wanted.done()  # the learner has seen the ask (it publishes after its next update)
+        asking = asyncio.ensure_future(store.newer(0, 5.0))
+        await asyncio.sleep(0.05)
+        assert not asking.done()
+        await store.publish(1, ["w1"], False)
+        assert await asyncio.wait_for(asking, 1.0) == (1, ["w1"], False)
+
+        behind = asyncio.ensure_future(store.until_behind())
+        asking = asyncio.ensure_future(store.newer(1, 5.0))
+        await asyncio.sleep(0.05)
+        assert not behind.done() and not asking.done()
+        await store.set_learner_behind(True)
+        assert await asyncio.wait_for(asking, 1.0) == (1, None, True)  # the worker stops acting
+        assert await asyncio.wait_for(behind, 1.0)
+        resuming = asyncio.ensure_future(store.resume(1, 5.0))
+        await asyncio.sleep(0.05)
+        assert not resuming.done()
+        await store.publish(7, ["w7"], False)  # the learner caught up: the workers resume on update 7
+        assert await asyncio.wait_for(resuming, 1.0) == (7, ["w7"], False)
+
+    asyncio.run(protocol())
