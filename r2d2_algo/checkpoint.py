@@ -164,25 +164,27 @@ def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_netw
     restore_rng_states(checkpoint["rng"], rng)
 
 
-def rng_states(rng: np.random.Generator) -> dict:
-    """Python, numpy (global and ``rng``) and torch RNG states, to put in a checkpoint."""
+def rng_states(rng: np.random.Generator | None) -> dict:
+    """Python, numpy (global and ``rng``, if any) and torch RNG states, to put in a checkpoint."""
     import random
 
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "generator": rng.bit_generator.state,
-              "torch": torch.get_rng_state()}
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if rng is not None:
+        states["generator"] = rng.bit_generator.state
     if torch.cuda.is_available():
         states["torch_cuda"] = torch.cuda.get_rng_state_all()
     return _numpy_to_torch(states)
 
 
-def restore_rng_states(states: dict, rng: np.random.Generator) -> None:
+def restore_rng_states(states: dict, rng: np.random.Generator | None) -> None:
     """Inverse of ``rng_states``."""
     import random
 
     states = _torch_to_numpy(states)
     random.setstate(_tuples(states["python"]))
     np.random.set_state(_tuples(states["numpy"]))
-    rng.bit_generator.state = states["generator"]
+    if rng is not None:
+        rng.bit_generator.state = states["generator"]
     torch.set_rng_state(torch.as_tensor(states["torch"], dtype=torch.uint8))
     if "torch_cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in states["torch_cuda"]])

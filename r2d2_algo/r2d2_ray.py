@@ -20,7 +20,8 @@ plumbing). The roles, each a Ray actor except the learner:
 
 Env workers restart on failure (--max-actor-restarts, Ray's max_restarts); a restarted worker
 cuts its streams (a time-limit mark) before it writes again. A lost shard, store or evaluator
-stops the run with a one-line reason. Without --ray-address the script starts a local Ray on
+stops the run with a one-line reason; --checkpoint-interval and --resume (the learner and every
+shard's replay in one file) continue such a run, as in r2d2_mp.py. Without --ray-address the script starts a local Ray on
 loopback and shuts it down at the end, however the run ends.
 """
 
@@ -53,7 +54,17 @@ import tyro
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
-from r2d2_algo.checkpoint import save_model
+from r2d2_algo.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    from_storable,
+    restore_rng_states,
+    resume_run,
+    rng_states,
+    save_model,
+    to_storable,
+)
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
@@ -73,6 +84,12 @@ class Args:
     """if toggled and CUDA is available, the learner runs on the GPU"""
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
+    checkpoint_interval: int = 0
+    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM write one too)"""
+    checkpoint_replay: bool = True
+    """checkpoints include the replay shards and their priorities (else a resumed run refills them)"""
+    resume: str | None = None
+    """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
     ray_address: str | None = None
     """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
 
@@ -175,6 +192,12 @@ class Args:
 
 
 
+# arguments a resumed run may change on its command line; every other one comes from the checkpoint
+RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
+                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
+                  "max_actor_restarts", "amp", "ray_address", "samples_in_flight", "actor_push_interval")
+
+
 def check_args(args: Args) -> None:
     """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
     for name in ["total_timesteps", "num_actors", "num_replay_shards", "actor_push_interval", "samples_in_flight",
@@ -184,7 +207,7 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "num_envs_per_actor",
-                 "env_threads", "max_actor_restarts"]:
+                 "env_threads", "max_actor_restarts", "checkpoint_interval"]:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.gamma <= 1.0:
@@ -491,10 +514,10 @@ def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: S
 
 
 def initial_progress(args: Args) -> dict:
-    """The training loop's counters."""
-    return {"global_step": 0, "updates": 0, "evaluated_at": -1,
+    """The training loop's counters (checkpointed, so that a resumed run continues exactly)."""
+    return {"global_step": 0, "updates": 0, "elapsed": 0.0, "evaluated_at": -1,
             "next_eval": args.eval_interval if args.eval_interval > 0 else None, "next_log": args.log_interval,
-            "learn_from": args.learning_starts}
+            "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
 
 
 def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
@@ -577,8 +600,24 @@ class ReplayShard:
             self.steps += len(step[-1])
         self.episodes.extend(episodes)
 
-    def truncate_streams(self, streams: np.ndarray) -> None:
+    def truncate_streams(self, streams: np.ndarray | None = None) -> None:
         self.replay.truncate_streams(streams)
+
+    def state(self, include_replay: bool) -> dict:
+        """For a checkpoint: the step count, the sampling RNG and (``include_replay``) the replay
+        with its priorities (Ray serializes the arrays when it returns them: a copy)."""
+        return {"steps": self.steps, "rng": self.rng.bit_generator.state,
+                "replay": self.replay.state_dict() if include_replay else None}
+
+    def load(self, state: dict) -> None:
+        """Inverse of ``state``; the streams are cut (the env workers start new episodes).
+
+        Raises:
+            ValueError: a replay of other arguments."""
+        self.steps, self.rng.bit_generator.state = state["steps"], state["rng"]
+        if state["replay"] is not None:
+            self.replay.load_state_dict(state["replay"])
+            self.replay.truncate_streams()
 
     def sample(self, batch_size: int) -> SequenceBatch | None:
         return self.replay.sample(batch_size, self.rng) if self.replay.num_valid_sequences else None
@@ -680,7 +719,7 @@ class EnvWorker:
     Env j of worker i is ε rung i·E + j. A worker Ray restarted after a failure first cuts its
     streams in the shard (a time-limit mark), then starts new episodes."""
 
-    def __init__(self, worker_id: int, args: Args, shard, store, observation_space, n_actions: int):
+    def __init__(self, worker_id: int, args: Args, shard, store, observation_space, n_actions: int, seed_offset: int):
         torch.set_num_threads(1)
         self.args, self.shard, self.store, self.worker_id = args, shard, store, worker_id
         E = args.num_envs_per_actor
@@ -688,7 +727,7 @@ class EnvWorker:
         with warnings.catch_warnings():  # Ray warns about its own use of a deprecated API inside
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        seed = args.seed + 1000 * (worker_id + 1) + (int(time.time()) % 100_000 if self.restarted else 0)
+        seed = args.seed + 1000 * (worker_id + 1) + seed_offset + (int(time.time()) % 100_000 if self.restarted else 0)
         if self.restarted:
             ray.get(shard.truncate_streams.remote(self.streams))
         frame_stack = frame_stack_of(args.env_id)
@@ -762,7 +801,8 @@ class Cluster:
     """The Ray actors of a run: starts them (each one's node is printed), re-runs a restarted env
     worker, and reports a lost one. ``cut`` counts the env worker restarts."""
 
-    def __init__(self, args: Args, observation_space, n_actions: int, state_size: int, frame_stack: int):
+    def __init__(self, args: Args, observation_space, n_actions: int, state_size: int, frame_stack: int,
+                 seed_offset: int):
         self.args = args
         E = args.num_envs_per_actor
         self.store = ray.remote(num_cpus=0)(WeightStore).remote()
@@ -771,7 +811,7 @@ class Cluster:
             args.seed + i) for i in range(args.num_replay_shards)]
         worker_class = ray.remote(num_cpus=1, max_restarts=args.max_actor_restarts)(EnvWorker)
         self.workers = [worker_class.remote(i, args, self.shards[shard_of(i, args)[0]], self.store, observation_space,
-                                            n_actions) for i in range(args.num_actors)]
+                                            n_actions, seed_offset) for i in range(args.num_actors)]
         self.evaluator = ray.remote(num_cpus=0)(Evaluator).remote(args, observation_space, n_actions) \
             if args.eval_episodes > 0 else None
         self.runs = {}
@@ -827,9 +867,10 @@ def to_writable(batch: SequenceBatch) -> SequenceBatch:
 
 
 # LEARNER (the driver)
-def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_actions: int, frame_stack: int,
-            stop: StopRequest) -> int:
+def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster, observation_space, n_actions: int,
+            frame_stack: int, stop: StopRequest) -> int:
     """Train on the replay shards the env workers fill; returns the exit code."""
+    checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -838,23 +879,63 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     epsilons = epsilon_ladder(args.num_actors * args.num_envs_per_actor, args.epsilon_base, args.epsilon_alpha)
     progress = initial_progress(args)
-    writer = open_writer(run_name, args, 0, epsilons)
-    start_time = time.time()
+    recent_returns: list[float] = []
+    if checkpoint is not None:
+        try:
+            q_network.load_state_dict(checkpoint["q_network"])
+            target_network.load_state_dict(checkpoint["target_network"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            progress.update(checkpoint["progress"])
+            recent_returns = list(checkpoint["recent_returns"])
+            restore_rng_states(checkpoint["rng"], None)
+            ray.get([shard.load.remote(from_storable(state))
+                     for shard, state in zip(cluster.shards, checkpoint["replay_shards"], strict=True)])
+        except (KeyError, RuntimeError, ValueError, TypeError, ray.exceptions.RayTaskError) as e:
+            e = getattr(e, "cause", None) or e  # a shard's own error, inside Ray's
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"r2d2_ray.py: error: checkpoint {args.resume!r} does not fit this run: {first_line[:160]}") \
+                from None
+        if checkpoint["replay_shards"][0]["replay"] is None:  # empty shards: learning starts again later
+            progress.update(learn_from=progress["global_step"] + args.learning_starts, updates_base=progress["updates"])
+        print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)")
+        del checkpoint  # the replay copy can be large
+    writer = open_writer(run_name, args, progress["global_step"], epsilons)
+    start_time = time.time() - progress["elapsed"]
+
+    def write_checkpoint(final: bool = False) -> None:  # final: of a stopped run, where a failure only prints
+        """The learner's state and every shard's (each shard answers after the priority updates
+        sent before; the env workers go on acting meanwhile)."""
+        try:
+            shards = ray.get([shard.state.remote(args.checkpoint_replay) for shard in cluster.shards], timeout=600)
+            progress.update(global_step=sum(shard["steps"] for shard in shards), elapsed=time.time() - start_time)
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # saved, never written
+            atomic_save({"format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
+                         "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
+                         "optimizer": optimizer.state_dict(), "rng": rng_states(None), "progress": dict(progress),
+                         "recent_returns": list(recent_returns), "replay_shards": to_storable(shards)},
+                        checkpoint_file)
+        except (OSError, RuntimeError, ray.exceptions.RayError) as error:
+            if not final:
+                raise
+            return print(f"r2d2_ray.py: no final checkpoint: {error}", file=sys.stderr, flush=True)
+        print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
+        if final:
+            print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 
     def publish(updates: int, learner_behind: bool) -> list:
         weights = [ray.put(parameters_to_vector(q_network.parameters()).detach().cpu().numpy())]
         cluster.store.publish.remote(updates, weights, learner_behind)
         return weights
 
-    publish(0, False)
+    publish(progress["updates"], False)
     wanted = cluster.store.wanted.remote()
     cluster.start_workers()
     stats_ref, shard_stats = None, [ray.get(s.stats.remote()) for s in cluster.shards]
     samples, next_shard = [], 0
     evaluation = None
-    last = {"time": time.time(), "step": 0, "updates": 0, "added": 0}
-    global_step, updates, stats, learner_behind = 0, 0, {}, False
-    recent_returns: list[float] = []
+    last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
+            "added": sum(shard["added"] for shard in shard_stats)}
+    global_step, updates, stats, learner_behind = progress["global_step"], progress["updates"], {}, False
     try:
         while global_step < args.total_timesteps:
             stop.check()
@@ -868,12 +949,12 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
                         recent_returns = (recent_returns + [episodic_return])[-20:]
                         writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                         writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-            global_step = sum(shard["steps"] for shard in shard_stats)
+            global_step = progress["global_step"] = sum(shard["steps"] for shard in shard_stats)
             valid = sum(shard["valid"] for shard in shard_stats)
 
             # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
             learn_from = progress["learn_from"]
-            trained = updates * args.batch_size * args.sequence_length
+            trained = (updates - progress["updates_base"]) * args.batch_size * args.sequence_length
             behind = global_step >= learn_from and valid > 0 and trained < args.min_replay_ratio * (global_step - learn_from)
             if behind != learner_behind:
                 learner_behind = behind
@@ -927,6 +1008,11 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
                 while progress["next_log"] <= global_step:
                     progress["next_log"] += args.log_interval
 
+            if args.checkpoint_interval > 0 and global_step >= progress["next_checkpoint"]:
+                while progress["next_checkpoint"] <= global_step:
+                    progress["next_checkpoint"] += args.checkpoint_interval
+                write_checkpoint()
+
         if evaluation is not None:
             step, returns = ray.get(evaluation)
             log_evaluation(writer, returns, step, time.time() - start_time)
@@ -942,6 +1028,8 @@ def learner(args: Args, run_name: str, cluster: Cluster, observation_space, n_ac
         return 0
     except StopRun as e:
         print(f"r2d2_ray.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
+        if e.signum and args.checkpoint_interval > 0:
+            write_checkpoint(final=True)
         return e.exit_code
     except ray.exceptions.RayError as e:  # a lost shard, store or evaluator
         print(f"r2d2_ray.py: stopping at step {global_step:,}: a Ray actor was lost: "
@@ -978,10 +1066,11 @@ def start_ray(args: Args) -> str | None:
                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
-def main(args: Args) -> int:
+def main(args: Args, argv: list[str] | None = None) -> int:
     """Check the arguments, start or join Ray, start the roles, run the learner, and stop
     everything however the run ends; returns the exit code."""
     try:
+        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)
@@ -996,7 +1085,10 @@ def main(args: Args) -> int:
         network = make_network(args, observation_space, n_actions)
     except ValueError as e:
         raise SystemExit(f"r2d2_ray.py: error: {e}") from None
-    run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if checkpoint is not None:
+        run_name = checkpoint["run_name"]
+    else:
+        run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     temp_dir, cluster, stop = None, None, None
     try:
         temp_dir = start_ray(args)
@@ -1005,10 +1097,11 @@ def main(args: Args) -> int:
               f"{args.num_envs_per_actor} envs, {args.num_replay_shards} replay shard(s) of "
               f"{args.buffer_size // args.num_replay_shards:,} observations, Ray "
               f"{'at ' + args.ray_address if args.ray_address else 'local (127.0.0.2)'}", flush=True)
-        cluster = Cluster(args, observation_space, n_actions, network.state_size, frame_stack)
+        cluster = Cluster(args, observation_space, n_actions, network.state_size, frame_stack,
+                          checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
         cluster.describe()
         stop.check()
-        return learner(args, run_name, cluster, observation_space, n_actions, frame_stack, stop)
+        return learner(args, run_name, checkpoint, cluster, observation_space, n_actions, frame_stack, stop)
     except StopRun as e:
         print(f"r2d2_ray.py: stopping: {e}", file=sys.stderr, flush=True)
         return e.exit_code

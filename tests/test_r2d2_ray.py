@@ -12,8 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from r2d2_algo.checkpoint import from_storable, load_checkpoint
 
 pytest.importorskip("ray")
 
@@ -89,8 +92,31 @@ def test_short_run_on_embedded_ray(tmp_path, ray_home):
     assert not glob.glob(os.path.join(ray_home, "r2d2_ray_*")), "the run's Ray folder was not removed"
 
 
+def episode_cuts(replay: dict, max_length: int = 400) -> int:
+    """Walk each stream of a replay state_dict in write order; assert that every episode start
+    follows an end (terminated or truncated), i.e. that no n-step target or sequence can run from
+    one episode into the next; return the truncation marks of episodes shorter than
+    ``max_length`` steps (the cuts: CartPole's time limit truncates at 500 steps only)."""
+    first, terminated, truncated = replay["first"], replay["terminated"], replay["truncated"]
+    capacity, cuts = first.shape[1], 0
+    for stream, written in enumerate(replay["write_count"]):
+        order = np.arange(written - min(written, capacity), written) % capacity
+        f, end = first[stream, order], terminated[stream, order] | truncated[stream, order]
+        starts = np.flatnonzero(f[1:]) + 1
+        assert end[starts - 1].all(), f"stream {stream}: an episode starts after a step that is not an end"
+        length = 0
+        for position, ok in zip(order, f):
+            length = 1 if ok else length + 1
+            cuts += bool(truncated[stream, position] and length < max_length)
+    return cuts
+
+
 def test_killed_env_worker_is_restarted(tmp_path, ray_home):
-    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0")
+    """SIGKILL one env worker mid-run: Ray restarts it, the run logs it, goes on and exits 0, and
+    the replay of the last checkpoint (written after the restart) holds exactly the killed worker's
+    two streams cut by a truncation mark, and no episode start without an end before it."""
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0",
+                 "--checkpoint-interval", "1000")
     read_until_step(proc, 3000)
     workers = [pid for pid in ray_processes()
                if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
@@ -99,6 +125,12 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
     assert "died at step" in err and "restart 1 of 3" in err
+    restarted_at = int(re.search(r"died at step ([\d,]+)", err).group(1).replace(",", ""))
+    (checkpoint_file,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))
+    checkpoint = load_checkpoint(checkpoint_file)
+    assert checkpoint["progress"]["global_step"] >= restarted_at + 2000
+    (shard,) = from_storable(checkpoint["replay_shards"])
+    assert episode_cuts(shard["replay"]) == 2
 
 
 @pytest.mark.parametrize("stop_signal, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -180,3 +212,31 @@ def test_weight_store_publishes_on_request_and_rate_limits():
         assert await asyncio.wait_for(resuming, 1.0) == (7, ["w7"], False)
 
     asyncio.run(protocol())
+
+
+def test_checkpoint_and_resume(tmp_path, ray_home):
+    """SIGTERM writes a final checkpoint (exit 143); --resume continues the same run from its step
+    and updates, with the shards' replay; a changed algorithm argument is refused in one line."""
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "100000", "--eval-episodes", "0",
+                 "--checkpoint-interval", "100000")
+    read_until_step(proc, 3000)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "resume with --resume saved_checkpoints/" in err, err
+    (folder,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*"))
+    checkpoint = load_checkpoint(folder)
+    step, updates = checkpoint["progress"]["global_step"], checkpoint["progress"]["updates"]
+    assert step >= 3000 and updates > 0 and from_storable(checkpoint["replay_shards"])[0]["replay"] is not None
+
+    proc = start(tmp_path, ray_home, "--resume", folder, "--gamma", "0.9")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and len(err.strip().splitlines()) == 1 and "--gamma 0.9" in err, err
+
+    proc = start(tmp_path, ray_home, "--resume", folder, "--total-timesteps", str(step + 2000))
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err
+    assert f"from step {step:,} ({updates:,} updates)" in out
+    assert len(glob.glob(str(tmp_path / "runs" / "*"))) == 1
+    acc = EventAccumulator(glob.glob(str(tmp_path / "runs" / "*"))[0])
+    acc.Reload()
+    assert acc.Scalars("charts/learner_updates")[-1].value > updates
