@@ -192,8 +192,9 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
     returned and returns the next batch of ``num_envs / num_splits`` envs that is ready, named
     by ``info["env_id"]``, so one split steps while the policy acts on another. ``num_threads``
     C++ threads step the envs (0: ale-py's default, min(envs per split, cores); ale-py uses at
-    most one per core). ``thread_niceness`` > 0 lowers their scheduling priority (Linux), so
-    that the thread running the policy is not preempted by envs that are only running ahead.
+    most one per core). ``thread_niceness`` > 0 lowers their scheduling priority below the
+    caller's by that much (Linux), so that the thread running the policy is not preempted by
+    envs that are only running ahead.
     Other ids use gymnasium's SyncVectorEnv (``num_splits`` must be 1).
 
     Raises:
@@ -214,10 +215,11 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
             episodic_life=False, reward_clipping=False, use_fire_reset=False,
         )
         vec.action_space.seed(seed)
-        if thread_niceness > 0:
+        if thread_niceness > 0:  # relative to the caller's (Ray's workers run at 15 unless told otherwise)
+            niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + thread_niceness)
             for tid in _thread_ids() - threads_before:  # the C++ threads ale-py just started
                 try:
-                    os.setpriority(os.PRIO_PROCESS, tid, thread_niceness)
+                    os.setpriority(os.PRIO_PROCESS, tid, niceness)
                 except OSError:  # not allowed here: they keep the normal priority
                     pass
         return vec

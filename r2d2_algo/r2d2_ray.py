@@ -760,12 +760,12 @@ class EnvWorker:
         update) and loads them as soon as the answer comes, acting on in the meantime. While the
         learner is below --min-replay-ratio it waits, then acts on the newest weights."""
         pushes, steps_since_refresh, asking = [], 0, None
-        behind = self.store.until_behind.remote()
+        behind = self.store.until_behind.remote().future()  # futures: done() costs far less than ray.wait
         while True:
-            if ray.wait([behind], timeout=0)[0]:  # the learner is below --min-replay-ratio
+            if behind.done():  # the learner is below --min-replay-ratio
                 while self.refresh(ray.get(self.store.resume.remote(self.version, 1.0))):
                     pass
-                behind, asking, steps_since_refresh = self.store.until_behind.remote(), None, 0
+                behind, asking, steps_since_refresh = self.store.until_behind.remote().future(), None, 0
             for _, episodic_return, episodic_length in self.env_actor.step():
                 self.block.episodes.append((episodic_return, episodic_length))
             steps_since_refresh += 1
@@ -774,10 +774,10 @@ class EnvWorker:
                     _, pushes = ray.wait(pushes, num_returns=1)
                 pushes.append(self.shard.add_block.remote(*self.block.take(), self.worker_id, self.version))
             if asking is None and steps_since_refresh >= self.args.actor_update_interval:
-                asking = self.store.newer.remote(self.version, 10.0)
-            if asking is not None and ray.wait([asking], timeout=0)[0]:
+                asking = self.store.newer.remote(self.version, 10.0).future()
+            if asking is not None and asking.done():
                 version_before = self.version
-                self.refresh(ray.get(asking))
+                self.refresh(asking.result())
                 asking = None
                 if self.version > version_before:
                     steps_since_refresh = 0  # else (behind, or nothing within 10 s) it asks again
@@ -815,7 +815,7 @@ class Cluster:
         self.evaluator = ray.remote(num_cpus=0)(Evaluator).remote(args, observation_space, n_actions) \
             if args.eval_episodes > 0 else None
         self.runs = {}
-        self.restarts = 0
+        self.restarts, self.supervised = 0, 0.0
 
     def describe(self) -> None:
         for i, shard in enumerate(self.shards):
@@ -832,7 +832,11 @@ class Cluster:
 
     def supervise(self, global_step: int, writer: SummaryWriter) -> None:
         """An env worker whose acting loop ended has died: Ray restarts it (up to
-        --max-actor-restarts); its loop is started again. Beyond that, raises StopRun."""
+        --max-actor-restarts); its loop is started again. Beyond that, raises StopRun. Looks at
+        most 10 times a second."""
+        if time.time() - self.supervised < 0.1:
+            return
+        self.supervised = time.time()
         done, _ = ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
         for ref in done:
             i = self.runs.pop(ref)
@@ -928,9 +932,10 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         return weights
 
     publish(progress["updates"], False)
-    wanted = cluster.store.wanted.remote()
+    wanted = cluster.store.wanted.remote().future()  # a future: done() costs far less than ray.wait
     cluster.start_workers()
     stats_ref, shard_stats = None, [ray.get(s.stats.remote()) for s in cluster.shards]
+    stats_asked = 0.0
     samples, next_shard = [], 0
     evaluation = None
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
@@ -940,9 +945,9 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         while global_step < args.total_timesteps:
             stop.check()
             cluster.supervise(global_step, writer)
-            if stats_ref is None:
-                stats_ref = [s.stats.remote() for s in cluster.shards]
-            if not ray.wait(stats_ref, num_returns=len(stats_ref), timeout=0)[1]:
+            if stats_ref is None and time.time() - stats_asked > 0.05:  # the shards' counts, 20 times a second
+                stats_ref, stats_asked = [s.stats.remote() for s in cluster.shards], time.time()
+            if stats_ref is not None and not ray.wait(stats_ref, num_returns=len(stats_ref), timeout=0)[1]:
                 shard_stats, stats_ref = ray.get(stats_ref), None
                 for shard in shard_stats:
                     for episodic_return, episodic_length in shard["episodes"]:
@@ -974,9 +979,9 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                                                batch_to_torch(batch, device, frame_stack), args, updates + 1, stop)
                     cluster.shards[shard].update_priorities.remote(batch.indices, batch.sequence_ids, priorities)
                     updates = progress["updates"] = updates + 1
-                    if ray.wait([wanted], timeout=0)[0]:  # an env worker asked for newer weights
+                    if wanted.done():  # an env worker asked for newer weights
                         publish(updates, learner_behind)
-                        wanted = cluster.store.wanted.remote()
+                        wanted = cluster.store.wanted.remote().future()
             else:
                 time.sleep(0.005)
 
@@ -1057,8 +1062,11 @@ def start_ray(args: Args) -> str | None:
                      logging_level="ERROR")
             return None
         temp_dir = tempfile.mkdtemp(prefix="r2d2_ray_", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+        # workers at niceness 0, as r2d2_mp.py's processes (Ray's default, 15, puts the acting thread
+        # below the learner, the shards and ale-py's threads on a machine they all share)
         ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
-                 num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR")
+                 num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
+                 _system_config={"worker_niceness": 0})
         return temp_dir
     except Exception as e:  # ConnectionError, ValueError, RuntimeError from ray.init
         raise SystemExit(f"r2d2_ray.py: error: cannot start or join Ray"
