@@ -569,6 +569,18 @@ def replay_arguments(args: Args, observation_space, state_size: int, frame_stack
         importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack)
 
 
+def object_store_bytes(args: Args, observation_space, state_size: int, frame_stack: int, num_parameters: int) -> int:
+    """Most bytes the run keeps in Ray's object store at once: 2 pushes in flight per env worker
+    (--actor-push-interval actor steps of its envs), --samples-in-flight batches, the replay
+    shards' step counts, and 2 published weight versions (float32)."""
+    frame_bytes = int(np.prod(observation_space.shape)) // frame_stack * np.dtype(observation_space.dtype).itemsize
+    step_bytes = frame_bytes + 4 * state_size + 16  # observation, stored state, action, reward, flags
+    pushes = 2 * args.num_actors * args.actor_push_interval * args.num_envs_per_actor * step_bytes
+    window = args.burn_in_length + args.sequence_length + args.n_step + frame_stack - 1
+    samples = args.samples_in_flight * args.batch_size * (window * (frame_bytes + 16) + 4 * state_size + 16)
+    return pushes + samples + 2 * 4 * num_parameters
+
+
 def shard_of(worker_id: int, args: Args) -> tuple[int, np.ndarray]:
     """Env worker ``worker_id``'s replay shard and its streams there (E,) int64."""
     E = args.num_envs_per_actor
@@ -719,9 +731,12 @@ class EnvWorker:
     Env j of worker i is ε rung i·E + j. A worker Ray restarted after a failure first cuts its
     streams in the shard (a time-limit mark), then starts new episodes."""
 
-    def __init__(self, worker_id: int, args: Args, shard, store, observation_space, n_actions: int, seed_offset: int):
+    def __init__(self, worker_id: int, args: Args, shard_name: str, store_name: str, observation_space, n_actions: int,
+                 seed_offset: int):
         torch.set_num_threads(1)
-        self.args, self.shard, self.store, self.worker_id = args, shard, store, worker_id
+        # by name, not by handle: a restarted worker finds them again (Ray keeps no handles for it)
+        self.shard, self.store = ray.get_actor(shard_name), ray.get_actor(store_name)
+        self.args, self.worker_id = args, worker_id
         E = args.num_envs_per_actor
         _, self.streams = shard_of(worker_id, args)
         with warnings.catch_warnings():  # Ray warns about its own use of a deprecated API inside
@@ -729,7 +744,7 @@ class EnvWorker:
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         seed = args.seed + 1000 * (worker_id + 1) + seed_offset + (int(time.time()) % 100_000 if self.restarted else 0)
         if self.restarted:
-            ray.get(shard.truncate_streams.remote(self.streams))
+            ray.get(self.shard.truncate_streams.remote(self.streams))
         frame_stack = frame_stack_of(args.env_id)
         splits = args.env_splits if frame_stack > 1 else 1
         envs = make_vector_env(args.env_id, E, seed, num_splits=splits,
@@ -801,16 +816,17 @@ class Cluster:
     """The Ray actors of a run: starts them (each one's node is printed), re-runs a restarted env
     worker, and reports a lost one. ``cut`` counts the env worker restarts."""
 
-    def __init__(self, args: Args, observation_space, n_actions: int, state_size: int, frame_stack: int,
-                 seed_offset: int):
+    def __init__(self, args: Args, run_name: str, observation_space, n_actions: int, state_size: int,
+                 frame_stack: int, seed_offset: int):
         self.args = args
         E = args.num_envs_per_actor
-        self.store = ray.remote(num_cpus=0)(WeightStore).remote()
-        self.shards = [ray.remote(num_cpus=0)(ReplayShard).remote(
+        store_name, shard_names = f"{run_name}/weights", [f"{run_name}/shard-{i}" for i in range(args.num_replay_shards)]
+        self.store = ray.remote(num_cpus=0)(WeightStore).options(name=store_name).remote()
+        self.shards = [ray.remote(num_cpus=0)(ReplayShard).options(name=shard_names[i]).remote(
             replay_arguments(args, observation_space, state_size, frame_stack, workers_of_shard(i, args) * E),
             args.seed + i) for i in range(args.num_replay_shards)]
         worker_class = ray.remote(num_cpus=1, max_restarts=args.max_actor_restarts)(EnvWorker)
-        self.workers = [worker_class.remote(i, args, self.shards[shard_of(i, args)[0]], self.store, observation_space,
+        self.workers = [worker_class.remote(i, args, shard_names[shard_of(i, args)[0]], store_name, observation_space,
                                             n_actions, seed_offset) for i in range(args.num_actors)]
         self.evaluator = ray.remote(num_cpus=0)(Evaluator).remote(args, observation_space, n_actions) \
             if args.eval_episodes > 0 else None
@@ -1044,10 +1060,11 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         writer.close()
 
 
-def start_ray(args: Args) -> str | None:
+def start_ray(args: Args, object_store_memory: int) -> str | None:
     """Join --ray-address, or start a local Ray on loopback (127.0.0.2: Ray replaces 127.0.0.1 by
-    the machine's address) with its files in a temporary folder. Returns that folder (None when
-    joining). Raises SystemExit with one line if Ray cannot be reached."""
+    the machine's address) with its files in a temporary folder and an object store of
+    ``object_store_memory`` bytes in /dev/shm. Returns that folder (None when joining). Raises
+    SystemExit with one line if Ray cannot be reached."""
     try:
         if args.ray_address:
             if args.ray_address != "auto":  # Ray itself retries an unreachable address for minutes
@@ -1066,6 +1083,7 @@ def start_ray(args: Args) -> str | None:
         # below the learner, the shards and ale-py's threads on a machine they all share)
         ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
                  num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
+                 object_store_memory=object_store_memory,
                  _system_config={"worker_niceness": 0})
         return temp_dir
     except Exception as e:  # ConnectionError, ValueError, RuntimeError from ray.init
@@ -1093,19 +1111,30 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         network = make_network(args, observation_space, n_actions)
     except ValueError as e:
         raise SystemExit(f"r2d2_ray.py: error: {e}") from None
+    # the embedded object store lives in /dev/shm (where it does not fit, Ray moves it to disk)
+    in_flight = object_store_bytes(args, observation_space, network.state_size, frame_stack,
+                                   parameter_count(network))
+    store_size = max(2 * in_flight, 256 * 2**20)
+    shm = os.statvfs("/dev/shm")
+    if not args.ray_address and store_size > 0.8 * shm.f_bavail * shm.f_frsize:
+        raise SystemExit(f"r2d2_ray.py: error: the run keeps up to {in_flight / 2**20:,.0f} MiB in Ray's object "
+                         f"store, but /dev/shm has {shm.f_bavail * shm.f_frsize / 2**20:,.0f} MiB free; lower "
+                         f"--actor-push-interval, --samples-in-flight or --num-actors")
     if checkpoint is not None:
         run_name = checkpoint["run_name"]
     else:
         run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     temp_dir, cluster, stop = None, None, None
     try:
-        temp_dir = start_ray(args)
+        temp_dir = start_ray(args, store_size)
         stop = StopRequest()  # after ray.init, whose own SIGTERM handler aborts the process
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} env workers × "
               f"{args.num_envs_per_actor} envs, {args.num_replay_shards} replay shard(s) of "
               f"{args.buffer_size // args.num_replay_shards:,} observations, Ray "
-              f"{'at ' + args.ray_address if args.ray_address else 'local (127.0.0.2)'}", flush=True)
-        cluster = Cluster(args, observation_space, n_actions, network.state_size, frame_stack,
+              f"{'at ' + args.ray_address if args.ray_address else 'local (127.0.0.2)'}; the run keeps at most "
+              f"{in_flight / 2**20:,.1f} MiB in Ray's object store{'' if args.ray_address else ' (of %.0f MiB in /dev/shm)' % (store_size / 2**20)}",
+              flush=True)
+        cluster = Cluster(args, run_name, observation_space, n_actions, network.state_size, frame_stack,
                           checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
         cluster.describe()
         stop.check()
