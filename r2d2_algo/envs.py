@@ -1,8 +1,18 @@
 """Environment construction shared by every R2D2 variant.
 
 - ``check_env_id`` refuses, with one line, any id that is not a registered gymnasium
-  environment with a Box observation and Discrete actions (the ``module:EnvId`` form imports
-  ``module`` first, as ``gymnasium.make`` does).
+  environment with Discrete actions, or whose constructor or first reset fails (the line names
+  the id and the cause). The ``module:EnvId`` form imports ``module`` first, as
+  ``gymnasium.make`` does; a package that registers its ids through a function
+  (MinAtar: ``minatar.gym:MinAtar/Breakout-v1``) has its ``register_envs()`` called when the
+  import alone did not register the id. Envs that take no ``render_mode`` keyword are built
+  without one.
+- Observations of any gymnasium space R2D2 can encode become a ``Box`` (``adapt_observation``):
+  a numeric 1-D vector or 3-D image is kept (bool images become uint8 0/1); ``Discrete``,
+  ``MultiDiscrete`` and ``MultiBinary`` become one-hot / 0-1 vectors, and ``Tuple`` / ``Dict`` of
+  such parts are flattened into one vector (gymnasium's ``FlattenObservation``); parts that
+  cannot be encoded (free text, such as MiniGrid's ``mission``) are dropped with a note at start.
+  Vectors of small non-negative integers (one-hots, object ids) are stored as uint8.
 - Atari ids (ale-py) get the paper's preprocessing (docs/algorithm.md, Table 2): 84×84 grayscale,
   frame skip 4 with max-pool, 4-frame stack, full 18-action set, no reward clipping, no
   loss-of-life termination, episodes capped at 108,000 frames, up to 30 no-op starts; all
@@ -32,6 +42,96 @@ NO_VELOCITY_CARTPOLE_ID = "CartPoleNoVelocity-v1"
 
 class UnsupportedEnvError(ValueError):
     """The environment id cannot be used by R2D2; the message is one line naming why."""
+
+
+ENCODABLE = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+class CastObservation(gym.ObservationWrapper):
+    """Observations cast to ``dtype`` (bool or small integers to uint8; others to float32)."""
+
+    def __init__(self, env: gym.Env, dtype):
+        super().__init__(env)
+        space = env.observation_space
+        self.dtype = np.dtype(dtype)
+        self.observation_space = gym.spaces.Box(space.low.astype(self.dtype), space.high.astype(self.dtype),
+                                                dtype=self.dtype)
+
+    def observation(self, observation):
+        return np.asarray(observation, dtype=self.dtype)
+
+
+class SelectTupleParts(gym.ObservationWrapper):
+    """A ``Tuple`` observation reduced to the parts at ``keep`` (indices)."""
+
+    def __init__(self, env: gym.Env, keep: list[int]):
+        super().__init__(env)
+        self.keep = list(keep)
+        self.observation_space = gym.spaces.Tuple([env.observation_space[i] for i in self.keep])
+
+    def observation(self, observation):
+        return tuple(observation[i] for i in self.keep)
+
+
+def _encodable(space: gym.Space) -> bool:
+    if isinstance(space, gym.spaces.Box):
+        return np.issubdtype(space.dtype, np.number) or space.dtype == np.bool_
+    if isinstance(space, gym.spaces.Tuple):
+        return all(_encodable(s) for s in space.spaces)
+    if isinstance(space, gym.spaces.Dict):
+        return all(_encodable(s) for s in space.spaces.values())
+    return isinstance(space, ENCODABLE)
+
+
+def _compact_dtype(space: gym.spaces.Box):
+    """uint8 for bools and integers in [0, 255], else float32."""
+    if space.dtype == np.bool_:
+        return np.uint8
+    if np.issubdtype(space.dtype, np.integer) and space.low.min() >= 0 and space.high.max() <= 255:
+        return np.uint8
+    return space.dtype if space.dtype in (np.uint8, np.float32) else np.float32
+
+
+def adapt_observation(env: gym.Env) -> tuple[gym.Env, list[str]]:
+    """Wrap ``env`` so that its observation is a ``Box`` R2D2's network takes: a 1-D vector (MLP
+    torso) or a 3-D image (conv torso), in a compact dtype. Returns the env and notes on what
+    was changed (for the run's start).
+
+    Raises:
+        UnsupportedEnvError: a space with no part R2D2 can encode (names the space).
+    """
+    space, notes = env.observation_space, []
+    if isinstance(space, gym.spaces.Box) and len(space.shape) in (1, 3) and _encodable(space):
+        if space.dtype not in (np.uint8, np.float32):
+            dtype = _compact_dtype(space)
+            env = CastObservation(env, dtype)
+            notes.append(f"{space.dtype} observations stored as {np.dtype(dtype)}")
+        return env, notes
+    if isinstance(space, gym.spaces.Dict):
+        dropped = [key for key, part in space.spaces.items() if not _encodable(part)]
+        if dropped:
+            env = gym.wrappers.FilterObservation(env, [key for key in space.spaces if key not in dropped])
+            notes.append(f"observation part(s) {', '.join(map(repr, dropped))} dropped "
+                         f"({', '.join(type(space[k]).__name__ for k in dropped)}: cannot be encoded)")
+    elif isinstance(space, gym.spaces.Tuple):
+        dropped = [i for i, part in enumerate(space.spaces) if not _encodable(part)]
+        if dropped:
+            env = SelectTupleParts(env, [i for i in range(len(space.spaces)) if i not in dropped])
+            notes.append(f"observation part(s) {', '.join(map(str, dropped))} of the Tuple dropped "
+                         f"({', '.join(type(space[i]).__name__ for i in dropped)}: cannot be encoded)")
+    if not _encodable(env.observation_space) or \
+            isinstance(env.observation_space, gym.spaces.Dict | gym.spaces.Tuple) and not env.observation_space:
+        raise UnsupportedEnvError(f"its {type(space).__name__} observation has no part R2D2 can encode "
+                                  f"(Box, Discrete, MultiDiscrete, MultiBinary, or Tuple/Dict of them)")
+    env = gym.wrappers.FlattenObservation(env)
+    flat = env.observation_space
+    dtype = _compact_dtype(flat)
+    if flat.dtype != dtype:
+        env = CastObservation(env, dtype)
+    discrete = not isinstance(space, gym.spaces.Box)
+    notes.append(f"{type(space).__name__} observation flattened to a {np.dtype(dtype)} vector of "
+                 f"{flat.shape[0]}{' (one-hot for discrete parts)' if discrete else ''}")
+    return env, notes
 
 
 class CartPoleNoVelocity(gym.ObservationWrapper):
@@ -77,9 +177,12 @@ def _spec(env_id: str) -> gym.envs.registration.EnvSpec:
     module, _, name = env_id.rpartition(":")
     if module:
         try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise UnsupportedEnvError(f"cannot import module {module!r} named in env id {env_id!r}: {e}") from None
+            imported = importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - ImportError, or anything the module raises on import
+            raise UnsupportedEnvError(f"cannot import module {module!r} named in env id {env_id!r}: "
+                                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+        if name not in gym.registry and callable(getattr(imported, "register_envs", None)):
+            imported.register_envs()  # packages that register on request (MinAtar's minatar.gym)
     if name.startswith("ALE/") or "NoFrameskip" in name:
         try:
             import ale_py
@@ -100,20 +203,33 @@ def is_atari(env_id: str) -> bool:
 
 
 def make_env(env_id: str, seed: int | None = None, render_mode: str | None = None, **atari_kwargs) -> gym.Env:
-    """One environment, with Atari preprocessing for ale-py games (see module docstring);
-    ``render_mode="rgb_array"`` for video.
+    """One environment, with Atari preprocessing for ale-py games (see module docstring) and its
+    observation adapted (``adapt_observation``); ``render_mode="rgb_array"`` for video.
 
     Raises:
-        UnsupportedEnvError: unknown id or module.
+        UnsupportedEnvError: unknown id or module, an env that does not render when asked, an
+            exception from the env's constructor, or an observation space R2D2 cannot encode.
     """
     _spec(env_id)
     name = env_id.rpartition(":")[2]
     if is_atari(env_id):
         return make_atari(name, render_mode=render_mode, **atari_kwargs)
-    env = gym.make(name, render_mode=render_mode)
+    try:  # envs that take no render_mode keyword are built without one when none is asked for
+        env = gym.make(name, render_mode=render_mode) if render_mode is not None else gym.make(name)
+    except TypeError as e:
+        if render_mode is not None and "render_mode" in str(e):
+            raise UnsupportedEnvError(f"{env_id!r} cannot render (its constructor takes no render_mode)") from None
+        raise UnsupportedEnvError(f"{env_id!r} failed to build: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - the env's own constructor: any error becomes one line
+        raise UnsupportedEnvError(f"{env_id!r} failed to build: {_first_line(e)}") from None
+    env, _ = adapt_observation(env)
     if seed is not None:
         env.action_space.seed(seed)
     return env
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAMES,
@@ -143,16 +259,25 @@ def frame_stack_of(env_id: str) -> int:
     return ATARI_FRAME_STACK if is_atari(env_id) else 1
 
 
-def check_env_id(env_id: str) -> tuple[gym.spaces.Box, int]:
-    """Validate that R2D2 can run ``env_id``; return its observation space and action count.
+def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]:
+    """Validate that R2D2 can run ``env_id`` (built and reset once); return its (adapted)
+    observation space and action count. Prints the notes of ``adapt_observation`` unless ``quiet``.
 
     Raises:
-        UnsupportedEnvError: unknown id, or observation not a 1-D/3-D Box, or actions not
-            Discrete; the message names what is unsupported.
+        UnsupportedEnvError: unknown id, an env whose constructor or first reset raises, an
+            observation R2D2 cannot encode, or actions not Discrete; the message names what.
     """
     env = make_env(env_id)
     try:
         obs_space, act_space = env.observation_space, env.action_space
+        try:
+            env.reset(seed=0)
+        except Exception as e:  # noqa: BLE001 - the env's own code: any error becomes one line
+            raise UnsupportedEnvError(f"{env_id!r} failed on its first reset: {_first_line(e)}") from None
+        if not quiet and not is_atari(env_id):
+            _, notes = adapt_observation(env.unwrapped)
+            for note in notes:
+                print(f"note: {env_id}: {note}", flush=True)
     finally:
         env.close()
     if not isinstance(act_space, gym.spaces.Discrete):

@@ -237,6 +237,29 @@ class NatureTorso(nn.Module):
         return F.relu(self.fc(self.convs(x)))
 
 
+class SmallImageTorso(nn.Module):
+    """Torso for small images (either side under 36 pixels, e.g. MinAtar's 10×10×C): one 3×3
+    conv of 16 channels, stride 1, then FC ``out_size`` (the network of the MinAtar paper, Young &
+    Tian 2019, Sec. 4, with R2D2's torso width). Takes (N, C, H, W) or (N, H, W, C); values are
+    used as they are (MinAtar's are 0/1)."""
+
+    def __init__(self, obs_shape: tuple[int, ...], out_size: int):
+        super().__init__()
+        self.channels_last = image_layout(obs_shape) == "hwc"
+        c, h, w = (obs_shape[2], obs_shape[0], obs_shape[1]) if self.channels_last else obs_shape
+        self.conv = nn.Sequential(nn.Conv2d(c, 16, 3, stride=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Linear(16 * (h - 2) * (w - 2), out_size)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs (N, *obs_shape) -> features (N, out_size)."""
+        if self.channels_last:
+            obs = obs.permute(0, 3, 1, 2)
+        return F.relu(self.fc(self.conv(obs.float())))
+
+
+SMALL_IMAGE = 36  # the Nature torso's three convs need at least 36 pixels a side
+
+
 class MLPTorso(nn.Module):
     """Two Linear + ReLU layers for 1-D vector observations: (N, obs_dim) -> (N, out_size)."""
 
@@ -259,7 +282,8 @@ def make_core(rnn_type: str, input_size: int, hidden_size: int) -> nn.Module:
 class RNNQNetwork(nn.Module):
     """R2D2's recurrent dueling Q-network (Kapturowski et al. 2019, Sec. 2.3, Table 2).
 
-    torso (MLP for 1-D Box observations, Nature-DQN conv for 3-D images)
+    torso (MLP for 1-D Box observations, Nature-DQN conv for 3-D images, one small conv for
+    images under 36 pixels a side)
     -> core input [features, one-hot previous action, tanh(previous reward)]
     -> core (ResettingLSTM, ResettingGRU or feed-forward) -> dueling head (Wang et al. 2016):
     Q = V + A - mean_a A.
@@ -289,7 +313,10 @@ class RNNQNetwork(nn.Module):
         if len(shape) == 1:
             self.torso = MLPTorso(shape[0], torso_size)
         elif len(shape) == 3:
-            self.torso = NatureTorso(shape, torso_size)
+            c, h, w = (shape[2], shape[0], shape[1]) if image_layout(shape) == "hwc" else shape
+            if min(h, w) < 3:
+                raise ValueError(f"images must be at least 3×3 pixels, got shape {shape}")
+            self.torso = NatureTorso(shape, torso_size) if min(h, w) >= SMALL_IMAGE else SmallImageTorso(shape, torso_size)
         else:
             raise ValueError(f"observations must be 1-D vectors or 3-D images, got shape {shape}")
         self.obs_shape = shape
