@@ -250,6 +250,7 @@ def resume_args(args, saved: dict, argv: list[str], may_change: tuple[str, ...])
     import tyro
 
     fields = [f.name for f in dataclasses.fields(args) if f.name != "resume"]
+    saved = {"preset": "none", **saved}  # checkpoints from before presets: their arguments were complete
     missing = sorted(set(fields) - set(saved))
     if missing:
         raise CheckpointError(f"checkpoint lacks arguments {', '.join(missing)} (saved by another script or version)")

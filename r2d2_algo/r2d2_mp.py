@@ -72,6 +72,7 @@ from r2d2_algo.checkpoint import (
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.presets import apply_preset
 from r2d2_algo.shared import SharedArrays, available_memory_bytes
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
@@ -95,6 +96,9 @@ class Args:
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
+    preset: Literal["auto", "atari", "vector", "small_image", "none"] = "auto"
+    """defaults for the env's family (experiment_configs/presets/): auto picks by --env-id; none keeps
+    this script's own; flags given on the command line always win"""
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
@@ -1373,6 +1377,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     clean up everything however it ends; returns the exit code."""
     try:  # everything that can refuse the arguments runs before anything is created
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
+        args, preset_message = apply_preset(args, sys.argv[1:] if argv is None else argv, os.path.basename(__file__))
+        if preset_message:
+            print(preset_message, flush=True)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames

@@ -68,6 +68,7 @@ from r2d2_algo.checkpoint import (
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.presets import apply_preset
 from r2d2_algo.stopping import StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
 
@@ -90,6 +91,9 @@ class Args:
     """checkpoints include the replay shards and their priorities (else a resumed run refills them)"""
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
+    preset: Literal["auto", "atari", "vector", "small_image", "none"] = "auto"
+    """defaults for the env's family (experiment_configs/presets/): auto picks by --env-id; none keeps
+    this script's own; flags given on the command line always win"""
     ray_address: str | None = None
     """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
 
@@ -1097,6 +1101,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     everything however the run ends; returns the exit code."""
     try:
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
+        args, preset_message = apply_preset(args, sys.argv[1:] if argv is None else argv, os.path.basename(__file__))
+        if preset_message:
+            print(preset_message, flush=True)
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)
