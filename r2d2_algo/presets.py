@@ -56,10 +56,11 @@ def preset_values(name: str, script: str) -> dict:
     return {**preset["args"], **(preset.get("scripts") or {}).get(script, {})}
 
 
-def apply_preset(args, argv: list[str], script: str):
+def apply_preset(args, argv: list[str] | None, script: str):
     """``args`` (parsed from ``argv`` over the script's own defaults) with the preset's values
-    wherever ``argv`` gave no flag. Returns ``(args, message)``: the message names the preset and
-    every value it set (None for ``--preset none`` or a resumed run). A preset value that does
+    wherever ``argv`` gave no flag, and prints a line naming the preset and every value it set.
+    Returns ``args`` unchanged for ``--preset none``, a resumed run, or ``argv`` None (arguments
+    built in code, not parsed from a command line, are used as they are). A preset value that does
     not fit a flag the user gave is adjusted (min replay ratio above the replay ratio, overlap
     not below the sequence length) and said so.
 
@@ -68,8 +69,8 @@ def apply_preset(args, argv: list[str], script: str):
     """
     import tyro
 
-    if getattr(args, "resume", None) or args.preset == "none":
-        return args, None
+    if argv is None or getattr(args, "resume", None) or args.preset == "none":
+        return args
     name, why = args.preset, "--preset"
     if name == "auto":
         name, why = env_family(args.env_id), "auto, by env family"
@@ -83,6 +84,9 @@ def apply_preset(args, argv: list[str], script: str):
     if "min_replay_ratio" in set_here and with_preset.min_replay_ratio > with_preset.replay_ratio:
         set_here["min_replay_ratio"] = with_preset.replay_ratio / 2
         adjusted.append("min_replay_ratio (half the --replay-ratio given)")
+    if "learning_starts" in set_here and with_preset.learning_starts >= with_preset.total_timesteps:
+        set_here["learning_starts"] = with_preset.total_timesteps // 10
+        adjusted.append("learning_starts (a tenth of the --total-timesteps given)")
     if "overlap" in set_here and with_preset.overlap >= with_preset.sequence_length:
         set_here["overlap"] = with_preset.sequence_length // 2
         adjusted.append("overlap (half the --sequence-length given)")
@@ -91,4 +95,5 @@ def apply_preset(args, argv: list[str], script: str):
     message = f"preset {name} ({why}; --preset none for the script's defaults): {listed}"
     if adjusted:
         message += f"; adjusted to fit your flags: {', '.join(adjusted)}"
-    return args, message
+    print(message, flush=True)
+    return args

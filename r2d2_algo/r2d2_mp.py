@@ -69,6 +69,7 @@ from r2d2_algo.checkpoint import (
     resume_run,
     save_model,
 )
+from r2d2_algo.checks import check_common_args
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
@@ -97,8 +98,7 @@ class Args:
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
     preset: Literal["auto", "atari", "vector", "small_image", "none"] = "auto"
-    """defaults for the env's family (experiment_configs/presets/): auto picks by --env-id; none keeps
-    this script's own; flags given on the command line always win"""
+    """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
@@ -204,6 +204,7 @@ RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay",
 
 def check_args(args: Args) -> None:
     """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
+    check_common_args(args)  # seeds, ε ladder, optimizer, exponents, overlap, network memory, names
     for name in ["total_timesteps", "num_actors", "env_splits", "actor_update_interval", "hidden_size", "torso_size",
                  "head_hidden_size", "buffer_size", "sequence_length", "batch_size", "n_step",
                  "target_network_update_period", "log_interval"]:
@@ -1377,9 +1378,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     clean up everything however it ends; returns the exit code."""
     try:  # everything that can refuse the arguments runs before anything is created
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
-        args, preset_message = apply_preset(args, sys.argv[1:] if argv is None else argv, os.path.basename(__file__))
-        if preset_message:
-            print(preset_message, flush=True)
+        args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
@@ -1441,7 +1440,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        sys.exit(main(tyro.cli(Args)))
+        sys.exit(main(tyro.cli(Args), sys.argv[1:]))
     except KeyboardInterrupt:  # before any process or shared memory exists
         print("r2d2_mp.py: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -43,7 +43,6 @@ def test_no_velocity_cartpole_drops_the_velocities():
     "env_id, match",
     [
         ("Pendulum-v1", "Box action space; R2D2 needs Discrete actions"),
-        ("FrozenLake-v1", "Discrete observation space; R2D2 needs a Box"),
         ("NoSuchEnv-v0", "unknown environment id 'NoSuchEnv-v0'"),
         ("no_such_module:CartPole-v1", "cannot import module 'no_such_module'"),
     ],
@@ -52,6 +51,14 @@ def test_unsupported_ids_refused_with_one_line(env_id, match):
     with pytest.raises(UnsupportedEnvError, match=match) as info:
         check_env_id(env_id)
     assert "\n" not in str(info.value)
+
+
+def test_discrete_observations_become_one_hot():
+    """FrozenLake (Discrete(16) states), once refused, is a uint8 one-hot of 16."""
+    space, n_actions = check_env_id("FrozenLake-v1", quiet=True)
+    assert space.shape == (16,) and space.dtype == np.uint8 and n_actions == 4
+    obs, _ = make_env("FrozenLake-v1").reset(seed=0)
+    assert obs.tolist() == [1] + [0] * 15  # the start state, 0
 
 
 def test_atari_preprocessing_as_in_the_paper():

@@ -51,7 +51,6 @@ def test_help_lists_every_flag_with_meaning_and_default(run_script):
     "args, message",
     [
         (["--env-id", "Pendulum-v1"], "needs Discrete actions"),
-        (["--env-id", "FrozenLake-v1"], "needs a Box"),
         (["--env-id", "NoSuchEnv-v0"], "unknown environment id"),
         (["--buffer-size", "40"], "smaller than one window"),
         (["--burn-in-length", "-1"], "--burn-in-length must be >= 0"),

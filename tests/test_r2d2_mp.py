@@ -531,7 +531,7 @@ def test_short_pong_run_end_to_end(tmp_path):
 @pytest.mark.parametrize("args, message", [(["--priority-eta", "1.5"], "--priority-eta must be in [0, 1]"),
                                            (["--num-actors", "0"], "--num-actors must be >= 1"),
                                            (["--log-interval", "0"], "--log-interval must be >= 1"),
-                                           (["--min-replay-ratio", "2"], "--min-replay-ratio must be in [0, "
+                                           (["--replay-ratio", "0.4", "--min-replay-ratio", "2"], "--min-replay-ratio must be in [0, "
                                                                          "--replay-ratio=0.4]")])
 def test_bad_arguments_refused_with_one_line(tmp_path, args, message):
     proc = start(tmp_path, "--env-id", "CartPole-v1", *args)

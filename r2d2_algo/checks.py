@@ -1,0 +1,77 @@
+"""Checks of the arguments every training script shares, each refusal one line naming the flag
+the user typed (R2D2's scripts call ``check_common_args`` first in their own ``check_args``).
+
+Ranges: seeds in [0, 2³²) (numpy's and gymnasium's seeds); Adam ε, learning rate and the
+gradient-norm clip > 0 and finite (a negative clip makes torch scale gradients by a negative
+factor: training would ascend the loss); the ε ladder's base in (0, 1] and exponent range ≥ 0
+(Ape-X Sec. 4.1: ε_i = base^(1 + α·i/(N−1)) must stay a probability); priority and
+importance-sampling exponents in [0, 1] (R2D2 Sec. 2.3); an overlap below the sequence length;
+learning that starts within the run; networks whose weights, target copy and Adam moments fit
+the free memory; an experiment name that stays inside ``runs/``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from r2d2_algo.shared import available_memory_bytes
+
+SEED_LIMIT = 2**32
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an ``Args`` field: ``max_grad_norm`` -> ``--max-grad-norm``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_name(value: str, name: str = "exp_name") -> None:
+    """A name that becomes part of a folder name: letters, digits and ``_.,=+-``, not starting with
+    a dot, so that ``runs/{...}`` stays inside ``runs/``."""
+    if not NAME_PATTERN.fullmatch(value or ""):
+        raise ValueError(f"{flag(name)} must be letters, digits and _.,=+- (not starting with . or -), "
+                         f"got {value!r}")
+
+
+def network_bytes(hidden_size: int, torso_size: int, head_hidden_size: int, rnn_type: str = "lstm") -> int:
+    """A lower bound of the learner's memory for its networks: online and target weights and
+    Adam's two moments (4 float32 copies) of the core, the torso's second layer and the heads."""
+    gates = {"lstm": 4, "gru": 3}.get(rnn_type, 0)
+    core = gates * hidden_size * (hidden_size + torso_size) if gates else hidden_size * torso_size
+    parameters = core + torso_size * torso_size + 2 * hidden_size * head_hidden_size
+    return 16 * parameters
+
+
+def check_common_args(args) -> None:
+    """Refuse, with one ValueError line naming the flag, the shared arguments out of range (see
+    the module docstring). Fields a script does not have are skipped."""
+    has = lambda name: hasattr(args, name)  # noqa: E731
+
+    if has("exp_name"):
+        check_name(args.exp_name)
+    if has("seed") and not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    for name in ["learning_rate", "adam_eps", "max_grad_norm"]:
+        if has(name) and not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise ValueError(f"{flag(name)} must be > 0 and finite, got {getattr(args, name)}")
+    if has("epsilon_base") and not 0.0 < args.epsilon_base <= 1.0:
+        raise ValueError(f"--epsilon-base must be in (0, 1] (ε_i = base^(1 + alpha·i/(N−1)) is a probability), "
+                         f"got {args.epsilon_base}")
+    if has("epsilon_alpha") and not (math.isfinite(args.epsilon_alpha) and args.epsilon_alpha >= 0):
+        raise ValueError(f"--epsilon-alpha must be >= 0 and finite, got {args.epsilon_alpha}")
+    for name in ["priority_exponent", "importance_sampling_exponent"]:
+        if has(name) and not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(args, name)}")
+    if has("overlap") and has("sequence_length") and not 0 <= args.overlap < args.sequence_length:
+        raise ValueError(f"--overlap must be in [0, --sequence-length={args.sequence_length}), got {args.overlap}")
+    if has("learning_starts") and has("total_timesteps") and args.learning_starts >= args.total_timesteps:
+        raise ValueError(f"--learning-starts ({args.learning_starts:,}) must be below --total-timesteps "
+                         f"({args.total_timesteps:,}): the run would end untrained")
+    if has("hidden_size") and min(args.hidden_size, args.torso_size, args.head_hidden_size) >= 1:
+        need, free = network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size, args.rnn_type), \
+            available_memory_bytes()
+        if need > 0.5 * free:
+            raise ValueError(f"--hidden-size {args.hidden_size}, --torso-size {args.torso_size} and "
+                             f"--head-hidden-size {args.head_hidden_size} need at least {need / 2**30:,.1f} GiB for "
+                             f"the networks and Adam, but {free / 2**30:,.1f} GiB of memory is free")
