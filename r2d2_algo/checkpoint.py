@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from r2d2_algo.model import RNNQNetwork
+from r2d2_algo.stopping import StopRun
 
 MODEL_FORMAT = "r2d2-model-v2"  # v2: the core sees tanh(previous reward)
 CHECKPOINT_FORMAT = "r2d2-checkpoint-v2"
@@ -35,20 +36,40 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------- files
+class SaveError(StopRun):
+    """A model or checkpoint that could not be written (full disk, read-only or missing folder);
+    the message is one line naming the path and the operating system's reason. A StopRun: the
+    training scripts stop cleanly on it (exit 1)."""
+
+
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` to ``path`` through a temporary file and one ``os.replace``: readers see
-    the old file or the new one, never a partial one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    the old file or the new one, never a partial one.
+
+    Raises:
+        SaveError: the file could not be written; no partial file is left.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save wraps a failed write in RuntimeError ("unexpected pos")
+        cause = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
+            cause = cause.__cause__ or cause.__context__
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0] if cause is None else \
+            cause.strerror if cause.filename in (None, path, tmp) else f"{cause.filename}: {cause.strerror}"
+        raise SaveError(f"cannot write {path}: {reason}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass
 
 
 def _load(path: str, expected_format: str, what: str) -> dict:
@@ -267,9 +288,15 @@ def resume_run(args, argv: list[str], may_change: tuple[str, ...]):
     arguments merged (``resume_args``); ``(args, None)`` when ``args.resume`` is None.
 
     Raises:
-        CheckpointError: as ``load_checkpoint`` and ``resume_args``.
+        CheckpointError: as ``load_checkpoint`` and ``resume_args``, or a ``--total-timesteps`` the
+            checkpoint has already reached.
     """
     if args.resume is None:
         return args, None
     checkpoint = load_checkpoint(args.resume)
-    return resume_args(args, checkpoint["args"], argv, may_change), checkpoint
+    args = resume_args(args, checkpoint["args"], argv, may_change)
+    step = checkpoint.get("progress", {}).get("global_step", 0)
+    if args.total_timesteps <= step:
+        raise CheckpointError(f"--total-timesteps {args.total_timesteps:,} is not beyond the checkpoint's step "
+                              f"{step:,}: nothing to do (give a larger one)")
+    return args, checkpoint

@@ -7,12 +7,14 @@ factor: training would ascend the loss); the ε ladder's base in (0, 1] and expo
 (Ape-X Sec. 4.1: ε_i = base^(1 + α·i/(N−1)) must stay a probability); priority and
 importance-sampling exponents in [0, 1] (R2D2 Sec. 2.3); an overlap below the sequence length;
 learning that starts within the run; networks whose weights, target copy and Adam moments fit
-the free memory; an experiment name that stays inside ``runs/``.
+the free memory; an experiment name that stays inside ``runs/``; output folders (``runs/``,
+``saved_models/``, ``saved_checkpoints/``) that are folders and can be written.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from r2d2_algo.shared import available_memory_bytes
@@ -75,3 +77,26 @@ def check_common_args(args) -> None:
             raise ValueError(f"--hidden-size {args.hidden_size}, --torso-size {args.torso_size} and "
                              f"--head-hidden-size {args.head_hidden_size} need at least {need / 2**30:,.1f} GiB for "
                              f"the networks and Adam, but {free / 2**30:,.1f} GiB of memory is free")
+    check_writable("runs")  # the folders the run will write, relative to the working directory
+    if getattr(args, "save_model", False):
+        check_writable("saved_models")
+    if getattr(args, "checkpoint_interval", 0) > 0:
+        check_writable("saved_checkpoints")
+
+
+def check_writable(folder: str) -> None:
+    """Refuse, with one ValueError line naming ``folder`` and the reason, an output folder that is
+    not a folder or cannot be written (checked before anything is created; a missing folder is
+    fine when the folder that would hold it can be written)."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"cannot write in {folder}/: a file of that name is in the way")
+    target = folder if os.path.isdir(folder) else (os.path.dirname(os.path.abspath(folder)) or ".")
+    while not os.path.isdir(target):  # the nearest folder that exists
+        if os.path.lexists(target):
+            raise ValueError(f"cannot write in {folder}/: {target} is not a folder")
+        target = os.path.dirname(target)
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {folder}/: {target} is not writable (permission denied)")
+    stat = os.statvfs(target)
+    if stat.f_flag & os.ST_RDONLY:
+        raise ValueError(f"cannot write in {folder}/: {target} is on a read-only file system")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -103,6 +104,19 @@ def evaluate(
         q_network.train(was_training)
 
 
+def _rename_videos(video_folder: str) -> list[str]:
+    """RecordVideo's ``episode-{i}-episode-0.mp4`` -> ``episode-{i}.mp4``; returns the paths."""
+    paths = []
+    for name in sorted(os.listdir(video_folder)):
+        match = re.fullmatch(r"episode-(\d+)-episode-0\.mp4", name)
+        if match:
+            os.replace(os.path.join(video_folder, name), os.path.join(video_folder, f"episode-{match.group(1)}.mp4"))
+            name = f"episode-{match.group(1)}.mp4"
+        if name.endswith(".mp4"):
+            paths.append(os.path.join(video_folder, name))
+    return sorted(paths)
+
+
 def run_dir_name(model_path: str) -> str:
     """The run name of ``saved_models/{run_name}/model.pt`` (the model file's folder name)."""
     return os.path.basename(os.path.dirname(os.path.abspath(model_path)))
@@ -116,14 +130,16 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
     Args:
         seed: evaluation seed (default: the training seed + 10,000, as the training scripts).
         env_id: environment (default: the model's); another id must have the same spaces.
-        capture_video: record one mp4 per episode under videos/{run_name}/.
-        output: JSON path (default: eval.json next to the model).
+        capture_video: record one mp4 per episode under videos/{run_name}/ (episode-{i}.mp4).
+        output: JSON path (default: eval.json next to the model, the training run's final evaluation).
     Returns:
         dict with model, env_id, episodes, epsilon, seed, returns, lengths, mean, std, videos.
     Raises:
         CheckpointError: missing, truncated or foreign model file.
         UnsupportedEnvError: an env id that does not exist or does not fit the model.
-        ValueError: episodes < 1.
+        ValueError: episodes < 1, ε outside [0, 1], a seed outside [0, 2³²), an output path that is a
+            folder.
+        OSError: the output or video folder cannot be written.
     """
     from r2d2_algo.checkpoint import load_model
     from r2d2_algo.envs import UnsupportedEnvError
@@ -139,6 +155,13 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
                 f"{info['n_actions']} actions); {env_id} has observations {observation_space.shape}, {n_actions} actions")
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"--epsilon must be in [0, 1], got {epsilon}")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
+    output = os.path.join(os.path.dirname(model_path), "eval.json") if output is None else output
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a folder; name a JSON file")
     seed = info["args"]["seed"] + EVAL_SEED_OFFSET if seed is None else seed
     video_folder = os.path.join("videos", run_dir_name(model_path)) if capture_video else None
     start = time.time()
@@ -147,13 +170,17 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
         "model": model_path, "env_id": env_id, "episodes": episodes, "epsilon": epsilon, "seed": seed,
         "mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
         "lengths": lengths.tolist(), "seconds": time.time() - start,
-        "videos": sorted(os.path.join(video_folder, f) for f in os.listdir(video_folder) if f.endswith(".mp4"))
-        if video_folder else [],
+        "videos": _rename_videos(video_folder) if video_folder else [],
     }
-    output = os.path.join(os.path.dirname(model_path), "eval.json") if output is None else output
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    try:  # a whole file or none
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     result["output"] = output
     return result
 
@@ -173,7 +200,8 @@ class Args:
     capture_video: bool = False
     """record one mp4 per episode under videos/{run_name}/"""
     output: str | None = None
-    """JSON file for the results (default: eval.json next to the model)"""
+    """JSON file for the results (default: evaluate.json next to the model; the training run's own final
+    evaluation, eval.json, is kept)"""
     cuda: bool = True
     """if toggled and CUDA is available, the network runs on the GPU"""
 
@@ -181,10 +209,14 @@ class Args:
 def main(args: Args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     try:
+        output = args.output or os.path.join(os.path.dirname(args.model), "evaluate.json")
         result = evaluate_saved_model(args.model, args.episodes, args.epsilon, args.seed, args.env_id,
-                                      args.capture_video, args.output, device)
+                                      args.capture_video, output, device)
     except ValueError as e:  # CheckpointError, UnsupportedEnvError: one line
         raise SystemExit(f"evaluate.py: error: {e}") from None
+    except OSError as e:  # an output or video folder that cannot be written (read-only, full disk)
+        raise SystemExit(f"evaluate.py: error: cannot write {e.filename or 'the results'}: {e.strerror or e}") \
+            from None
     print(f"{result['env_id']}: {result['mean']:.2f} ± {result['std']:.2f} over {result['episodes']} episodes "
           f"(ε = {result['epsilon']}, seed {result['seed']})")
     print("returns: " + ", ".join(f"{r:g}" for r in result["returns"]))

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 import tyro
+from tqdm import tqdm
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
@@ -194,12 +195,14 @@ class Args:
     """ε of evaluation episodes (evaluate.py's default)"""
     log_interval: int = 20_000
     """environment steps between scalar logs"""
+    progress_bar: bool = True
+    """show a tqdm progress bar with SPS and recent return (when stderr is a terminal)"""
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "inference", "amp")
+                  "max_actor_restarts", "inference", "amp", "progress_bar")
 
 
 def check_args(args: Args) -> None:
@@ -1204,6 +1207,12 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             "added": replay.num_sequences_added, "actor_steps": actor_steps.copy(), "actor_time": time.time()}
     global_step, updates, stats = progress["global_step"], progress["updates"], {}
     evaluation = Evaluations(processes, weights, writer, start_time)
+    print("progress lines: SPS = environment steps per second; updates = learner updates (per second); return = "
+          "mean of the last 20 episodes; replay = observations stored; lag = learner updates the actors' weights are "
+          "behind; sample wait = seconds the learner waited for batches since the last line", flush=True)
+    bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
+               disable=not args.progress_bar or not sys.stderr.isatty())
+    first_line_due = time.time() + 2  # a first line within seconds, then one per --log-interval
     try:
         while global_step < args.total_timesteps:
             stop.check()
@@ -1213,6 +1222,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
             global_step = progress["global_step"] = int(actor_steps.sum())
+            bar.update(global_step - bar.n)
 
             # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
             learn_from = progress["learn_from"]
@@ -1232,13 +1242,17 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             weights.publish(updates)  # if an actor asked for newer weights
             evaluation.collect(updates)
 
-            if global_step >= progress["next_log"]:
+            if global_step >= progress["next_log"] or (first_line_due and time.time() > first_line_due
+                                                       and global_step > last["step"]):
+                first_line_due = 0
                 sps, updates_per_second = log_scalars(writer, global_step, updates, replay, stats,
                                                       float(epsilons.mean()), last, args)
                 log_actor_scalars(writer, global_step, updates, arrays, processes.restarts, prefetcher, last)
-                mean_return = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
-                      f"return {mean_return:.1f}, replay {replay.size:,}, {last['status']}", flush=True)
+                mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "– (no episode ended yet)"
+                tqdm.write(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
+                           f"return {mean_return}, replay {replay.size:,}, {last['status']}")
+                sys.stdout.flush()
+                bar.set_postfix(SPS=f"{sps:.0f}", ret=mean_return.split()[0], upd=updates)
                 while progress["next_log"] <= global_step:
                     progress["next_log"] += args.log_interval
 
@@ -1265,6 +1279,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             write_checkpoint(final=True)
         return e.exit_code
     finally:
+        bar.close()
         prefetcher.stop.set()
         prefetcher.join(timeout=5)
         writer.close()
@@ -1340,9 +1355,10 @@ class Evaluations:
         except queue.Empty:
             return
         log_evaluation(self.writer, returns, global_step, self.running["wall_clock"])
-        print(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} (weights of update "
-              f"{weights_version:,}, {self.running['wall_clock']:.0f}s; the learner did "
-              f"{updates - self.running['updates']:,} updates while it ran)", flush=True)
+        tqdm.write(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} (weights of update "
+                   f"{weights_version:,}, {self.running['wall_clock']:.0f}s; the learner did "
+                   f"{updates - self.running['updates']:,} updates while it ran)")
+        sys.stdout.flush()
         self.running = {}
 
     def wait(self, updates: int, stop: StopRequest) -> None:
@@ -1415,7 +1431,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             splits = args.env_splits if frame_stack > 1 else 1
             create_inference_memory(arrays, args.num_actors, args.num_envs_per_actor // splits, observation_space,
                                     network.state_size)
-        print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} actors × "
+        print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} actor{'s' if args.num_actors != 1 else ''} × "
               f"{args.num_envs_per_actor} envs{'' if envs_per_actor_given else ' (default)'}, replay "
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
               f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "

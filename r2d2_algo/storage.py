@@ -266,8 +266,8 @@ class SequenceReplayBuffer:
         self.capacity_per_stream = per_stream - per_stream % self.period
         if self.capacity_per_stream < self.window_length + self.history_length + overwrite_margin:
             raise ValueError(
-                f"capacity {capacity} over {num_streams} streams leaves {self.capacity_per_stream} steps per stream, "
-                f"smaller than one window of burn-in + sequence length + n-step = {self.window_length}"
+                f"--buffer-size {capacity} over {num_streams} env streams leaves {self.capacity_per_stream} steps per "
+                f"stream, smaller than one window of --burn-in-length + --sequence-length + --n-step = {self.window_length}"
                 + (f" plus {self.history_length} stacked frames" if self.history_length else "")
                 + (f" plus an overwrite margin of {overwrite_margin}" if overwrite_margin else "")
             )
