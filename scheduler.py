@@ -37,6 +37,7 @@ from pathlib import Path
 
 import tyro
 
+from r2d2_algo.checks import check_writable
 from r2d2_algo.experiments import (ConfigError, Run, config_paths, load_configs, log_path, read_record,
                                    record_path, state_dir, write_record)
 
@@ -381,7 +382,26 @@ def describe(runs: list[Run], scheduler: Scheduler) -> None:
             print(line)
 
 
+def check_flags(args: Args) -> None:
+    """Refuse the scheduler's own flags out of range, and a runs/ that cannot be written (one
+    ValueError line naming the flag or the path)."""
+    if args.max_parallel < 1:
+        raise ValueError(f"--max-parallel must be >= 1, got {args.max_parallel}")
+    if not args.poll_interval >= 0.01:  # 0 would poll without pause (a core at ~70 %)
+        raise ValueError(f"--poll-interval must be >= 0.01 seconds, got {args.poll_interval}")
+    if not args.status_interval > 0:
+        raise ValueError(f"--status-interval must be > 0 seconds, got {args.status_interval}")
+    if not args.kill_timeout >= 0:
+        raise ValueError(f"--kill-timeout must be >= 0 seconds, got {args.kill_timeout}")
+    check_writable(str(RUNS_DIR))
+
+
 def main(args: Args) -> int:
+    try:
+        check_flags(args)
+    except ValueError as e:
+        print(f"scheduler.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         paths = args.configs or config_paths(args.config_dir)
         if not paths:
@@ -389,9 +409,6 @@ def main(args: Args) -> int:
         runs = load_configs(paths)
     except (ConfigError, FileNotFoundError, NotADirectoryError) as e:
         print(f"scheduler.py: error: {e}", file=sys.stderr)
-        return 2
-    if args.max_parallel < 1:
-        print(f"scheduler.py: error: --max-parallel must be >= 1, got {args.max_parallel}", file=sys.stderr)
         return 2
 
     if args.dry_run:

@@ -301,6 +301,7 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
         raise ConfigError(f"{path}: slots: must be an integer >= 1, got {slots!r}")
 
     check_args = getattr(sys.modules[args_cls.__module__], "check_args", None)
+    checked_env_ids = set()
     runs = []
     for seed in seeds:
         for point in itertools.product(*(entries for _, entries in axes)):
@@ -315,6 +316,15 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
                     check_args(parsed)
                 except ValueError as e:
                     raise ConfigError(f"{path}: run {run_id}: {e}") from None
+            env_id = getattr(parsed, "env_id", None)
+            if isinstance(env_id, str) and env_id not in checked_env_ids:  # built and reset once, as the run will
+                from r2d2_algo.envs import check_env_id
+
+                try:
+                    check_env_id(env_id, quiet=True)
+                except ValueError as e:
+                    raise ConfigError(f"{path}: run {run_id}: --env-id: {e}") from None
+                checked_env_ids.add(env_id)
             actors = getattr(parsed, "num_actors", None)  # r2d2_mp.py: actor processes + the learner
             run_slots = slots if slots is not None else actors + 1 if isinstance(actors, int) else 1
             runs.append(Run(run_id=run_id, config_name=name, config_path=str(path), script=script,

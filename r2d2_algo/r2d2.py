@@ -47,6 +47,7 @@ from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_ve
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
 from r2d2_algo.presets import apply_preset
+from r2d2_algo.shared import available_memory_bytes
 from r2d2_algo.stopping import StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
 
@@ -501,12 +502,17 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
-        replay = SequenceReplayBuffer(
+        replay_kwargs = dict(
             num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
             obs_dtype=observation_space.dtype, state_size=make_network(args, observation_space, n_actions).state_size,
             burn_in_length=args.burn_in_length, sequence_length=args.sequence_length, n_step=args.n_step,
             overlap=args.overlap, priority_exponent=args.priority_exponent,
             importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack)
+        replay_bytes, free = SequenceReplayBuffer.shared_nbytes(**replay_kwargs), available_memory_bytes()
+        if replay_bytes > 0.9 * free:
+            raise ValueError(f"a replay of {args.buffer_size:,} observations needs {replay_bytes / 2**30:.2f} GiB but "
+                             f"only {free / 2**30:.2f} GiB of memory is free; lower --buffer-size")
+        replay = SequenceReplayBuffer(**replay_kwargs)
     except ValueError as e:
         raise SystemExit(f"r2d2.py: error: {e}") from None
     if checkpoint is not None:

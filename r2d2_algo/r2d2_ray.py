@@ -205,6 +205,10 @@ RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay",
 def check_args(args: Args) -> None:
     """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
     check_common_args(args)  # seeds, ε ladder, optimizer, exponents, overlap, network memory, names
+    if args.ray_address and args.ray_address != "auto":
+        host, _, port = args.ray_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--ray-address: expected HOST:PORT or auto, got {args.ray_address!r}")
     for name in ["total_timesteps", "num_actors", "num_replay_shards", "actor_push_interval", "samples_in_flight",
                  "env_splits", "actor_update_interval", "hidden_size", "torso_size",
                  "head_hidden_size", "buffer_size", "sequence_length", "batch_size", "n_step",
@@ -1115,6 +1119,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-replay-shards ({args.num_replay_shards}) must be <= --num-actors "
                              f"({args.num_actors})")
         network = make_network(args, observation_space, n_actions)
+        for i in range(args.num_replay_shards):  # each shard's replay arguments, checked before Ray starts
+            SequenceReplayBuffer.shared_nbytes(**replay_arguments(args, observation_space, network.state_size, frame_stack,
+                                                                  workers_of_shard(i, args) * args.num_envs_per_actor))
     except ValueError as e:
         raise SystemExit(f"r2d2_ray.py: error: {e}") from None
     # the embedded object store lives in /dev/shm (where it does not fit, Ray moves it to disk)
