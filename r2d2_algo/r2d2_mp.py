@@ -1207,12 +1207,9 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             "added": replay.num_sequences_added, "actor_steps": actor_steps.copy(), "actor_time": time.time()}
     global_step, updates, stats = progress["global_step"], progress["updates"], {}
     evaluation = Evaluations(processes, weights, writer, start_time)
-    print("progress lines: SPS = environment steps per second; updates = learner updates (per second); return = "
-          "mean of the last 20 episodes; replay = observations stored; lag = learner updates the actors' weights are "
-          "behind; sample wait = seconds the learner waited for batches since the last line", flush=True)
     bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
                disable=not args.progress_bar or not sys.stderr.isatty())
-    first_line_due = time.time() + 2  # a first line within seconds, then one per --log-interval
+    first_line_due = None  # a first line a second after the first steps, then one per --log-interval
     try:
         while global_step < args.total_timesteps:
             stop.check()
@@ -1223,6 +1220,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
             global_step = progress["global_step"] = int(actor_steps.sum())
             bar.update(global_step - bar.n)
+            if first_line_due is None and global_step > last["step"]:
+                first_line_due = time.time() + 1
 
             # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
             learn_from = progress["learn_from"]
@@ -1431,6 +1430,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             splits = args.env_splits if frame_stack > 1 else 1
             create_inference_memory(arrays, args.num_actors, args.num_envs_per_actor // splits, observation_space,
                                     network.state_size)
+        print("progress lines: SPS = environment steps per second; updates = learner updates (per second); return = "
+              "mean of the last 20 episodes; replay = observations stored; lag = learner updates the actors' weights "
+              "are behind; sample wait = seconds the learner waited for batches since the last line", flush=True)
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} actor{'s' if args.num_actors != 1 else ''} × "
               f"{args.num_envs_per_actor} envs{'' if envs_per_actor_given else ' (default)'}, replay "
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
