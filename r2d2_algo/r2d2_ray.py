@@ -651,6 +651,7 @@ class ReplayShard:
         episodes, self.episodes = self.episodes, []
         return {"steps": self.steps, "size": self.replay.size, "added": self.replay.num_sequences_added,
                 "max_priority": self.replay.max_priority, "valid": self.replay.num_valid_sequences,
+                "priority_total": float(self.replay.tree.total),
                 "episodes": episodes, "versions": dict(self.versions)}
 
 
@@ -961,7 +962,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
     cluster.start_workers()
     stats_ref, shard_stats = None, [ray.get(s.stats.remote()) for s in cluster.shards]
     stats_asked = 0.0
-    samples, next_shard = [], 0
+    samples, shard_rng = [], np.random.default_rng(args.seed)
     evaluation = None
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
             "added": sum(shard["added"] for shard in shard_stats)}
@@ -993,9 +994,13 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                 else:  # the waiting workers resume on the newest weights
                     publish(updates, False)
             if global_step >= learn_from and valid > 0 and trained <= args.replay_ratio * (global_step - learn_from):
+                # a shard with probability ∝ its sum of priorities^α, then a batch prioritized within it:
+                # each sequence is drawn with p_i^α / Σ_all p^α, as from one replay, and the importance
+                # weights, normalized by the batch's largest, are those one replay would give
+                totals = np.array([shard["priority_total"] for shard in shard_stats])
                 while len(samples) < args.samples_in_flight:  # a bound on the sample requests out
-                    samples.append((next_shard, cluster.shards[next_shard].sample.remote(args.batch_size)))
-                    next_shard = (next_shard + 1) % len(cluster.shards)
+                    shard = int(shard_rng.choice(len(totals), p=totals / totals.sum())) if totals.sum() > 0 else 0
+                    samples.append((shard, cluster.shards[shard].sample.remote(args.batch_size)))
                 shard, ref = samples.pop(0)
                 batch = ray.get(ref)
                 if batch is not None:

@@ -77,10 +77,11 @@ def read_until_step(proc, step, timeout=240):
 
 
 def test_short_run_on_embedded_ray(tmp_path, ray_home):
-    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "5000", "--eval-episodes", "2")
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "5000", "--eval-episodes", "2",
+                 "--num-replay-shards", "2")  # two shards: batches drawn from each in proportion to its priorities
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
-    assert "env worker 0 on node 127.0.0.2" in out and "replay shard 0 on node 127.0.0.2" in out
+    assert "env worker 0 on node 127.0.0.2" in out and "replay shard 1 on node 127.0.0.2" in out
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
     acc.Reload()
