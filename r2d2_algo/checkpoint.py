@@ -36,9 +36,10 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------- files
-class SaveError(StopRun):
+class SaveError(StopRun, OSError):
     """A model or checkpoint that could not be written (full disk, read-only or missing folder);
-    the message is one line naming the path and the operating system's reason. A StopRun: the
+    the message is one line naming the path and the operating system's reason. A StopRun (and an
+    OSError): the
     training scripts stop cleanly on it (exit 1)."""
 
 
