@@ -39,8 +39,7 @@ class CheckpointError(ValueError):
 class SaveError(StopRun, OSError):
     """A model or checkpoint that could not be written (full disk, read-only or missing folder);
     the message is one line naming the path and the operating system's reason. A StopRun (and an
-    OSError): the
-    training scripts stop cleanly on it (exit 1)."""
+    OSError): the training scripts stop cleanly on it (exit 1)."""
 
 
 def atomic_save(obj, path: str) -> None:
