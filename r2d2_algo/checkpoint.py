@@ -154,11 +154,13 @@ def load_checkpoint(path: str) -> dict:
     return _load(path, CHECKPOINT_FORMAT, "checkpoint")
 
 
-def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer, rng: np.random.Generator,
-                  progress: dict, recent_returns, replay, include_replay: bool = True) -> dict:
+def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer,
+                  rng: np.random.Generator | None, progress: dict, recent_returns, replay,
+                  include_replay: bool = True) -> dict:
     """What every variant's checkpoint holds of its learner: online and target weights, the
     optimizer, the RNG states, the loop's counters (``progress``), the recent episodic returns
-    and, if ``include_replay``, the replay's contents and priorities."""
+    and, if ``include_replay``, the replay's contents and priorities (r2d2_ray.py keeps its
+    replay in the shards: ``replay`` None, ``include_replay`` False)."""
     return {"q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": rng_states(rng), "progress": dict(progress),
             "recent_returns": list(recent_returns),
@@ -166,9 +168,10 @@ def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, o
 
 
 def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer,
-                       rng: np.random.Generator, progress: dict, recent_returns, replay, learning_starts: int) -> None:
+                       rng: np.random.Generator | None, progress: dict, recent_returns, replay, learning_starts: int) -> None:
     """Inverse of ``learner_state``. Without a saved replay, learning starts again after
-    ``learning_starts`` new steps (``progress``'s learn_from and updates_base).
+    ``learning_starts`` new steps (``progress``'s learn_from and updates_base); with ``replay``
+    None (r2d2_ray.py's shards) the caller loads the replay and decides that itself.
 
     Raises:
         KeyError, RuntimeError, ValueError, TypeError: a checkpoint that does not fit these objects.
@@ -180,7 +183,7 @@ def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_netw
     recent_returns.extend(checkpoint["recent_returns"])
     if checkpoint["replay"] is not None:
         replay.load_state_dict(_torch_to_numpy(checkpoint["replay"]))
-    else:  # an empty replay: learning starts again after learning_starts new steps
+    elif replay is not None:  # an empty replay: learning starts again after learning_starts new steps
         progress.update(learn_from=progress["global_step"] + learning_starts, updates_base=progress["updates"])
     restore_rng_states(checkpoint["rng"], rng)
 

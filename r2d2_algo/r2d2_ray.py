@@ -59,9 +59,9 @@ from r2d2_algo.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
     from_storable,
-    restore_rng_states,
+    learner_state,
+    load_learner_state,
     resume_run,
-    rng_states,
     save_model,
     to_storable,
 )
@@ -911,13 +911,9 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
     progress = initial_progress(args)
     recent_returns: list[float] = []
     if checkpoint is not None:
-        try:
-            q_network.load_state_dict(checkpoint["q_network"])
-            target_network.load_state_dict(checkpoint["target_network"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            progress.update(checkpoint["progress"])
-            recent_returns = list(checkpoint["recent_returns"])
-            restore_rng_states(checkpoint["rng"], None)
+        try:  # the replay is in the shards: each loads its own part
+            load_learner_state(checkpoint, q_network, target_network, optimizer, None, progress, recent_returns, None,
+                               args.learning_starts)
             ray.get([shard.load.remote(from_storable(state))
                      for shard, state in zip(cluster.shards, checkpoint["replay_shards"], strict=True)])
         except (KeyError, RuntimeError, ValueError, TypeError, ray.exceptions.RayTaskError) as e:
@@ -940,10 +936,9 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             progress.update(global_step=sum(shard["steps"] for shard in shards), elapsed=time.time() - start_time)
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # saved, never written
             atomic_save({"format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
-                         "q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-                         "optimizer": optimizer.state_dict(), "rng": rng_states(None), "progress": dict(progress),
-                         "recent_returns": list(recent_returns), "replay_shards": to_storable(shards)},
-                        checkpoint_file)
+                         **learner_state(q_network, target_network, optimizer, None, progress, recent_returns, None,
+                                         include_replay=False),
+                         "replay_shards": to_storable(shards)}, checkpoint_file)
         except (OSError, RuntimeError, ray.exceptions.RayError) as error:
             if not final:
                 raise
@@ -1082,9 +1077,7 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
     try:
         if args.ray_address:
             if args.ray_address != "auto":  # Ray itself retries an unreachable address for minutes
-                host, _, port = args.ray_address.rpartition(":")
-                if not host or not port.isdigit():
-                    raise ValueError(f"expected HOST:PORT or auto, got {args.ray_address!r}")
+                host, _, port = args.ray_address.rpartition(":")  # its form was checked by check_args
                 try:
                     socket.create_connection((host, int(port)), timeout=5).close()
                 except OSError as e:
