@@ -602,8 +602,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 sps, updates_per_second = log_scalars(writer, global_step, updates, replay, stats,
                                                       float(epsilons.mean()), last, args)
                 writer.add_scalar("charts/parameter_lag", 0, global_step)  # the actors act with the learner's net
-                mean_return = np.mean(recent_returns) if recent_returns else float("nan")
-                bar.set_postfix(SPS=f"{sps:.0f}", ret=f"{mean_return:.1f}", upd=updates)
+                mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "–"  # no episode ended yet
+                bar.set_postfix(SPS=f"{sps:.0f}", ret=mean_return, upd=updates)
                 while progress["next_log"] <= global_step:
                     progress["next_log"] += args.log_interval
 
