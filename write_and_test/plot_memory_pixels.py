@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 import tyro  # noqa: E402
 
 from r2d2_algo.analysis import load_run_table, load_sweep  # noqa: E402
@@ -67,6 +68,7 @@ def main(args: Args) -> None:
             ax.plot(frames, value, "k--o", markersize=3, linewidth=1, label="MinAtar paper DQN (training)")
         ax.set_title(env_id.rpartition(":")[2], fontsize=10)
         ax.set_xlabel("environment steps")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("greedy evaluation return (ε = 0.001)")
     for ax in axes[0]:
