@@ -7,7 +7,7 @@ steps, one panel per env, the LSTM against the feed-forward ablation.
 
 Prints the README's table (per run: best, final and mean of the last three evaluations, steps,
 wall-clock, SPS) and writes the figure. MinAtar panels also show the MinAtar paper's DQN
-(Young & Tian 2019, Figure 2: mean of 30 runs, moving average of 100 training episodes at
+(Young & Tian 2019: mean of 30 runs, moving average of 100 training episodes at
 ε = 0.1, full action set) at a few frame counts, read off the figure in the MinAtar repository
 (its `img/learning_curves.gif`) by locating the DQN curve's pixels: about ±0.3 (Breakout) and
 ±2 (SpaceInvaders). A MinAtar frame is one environment step (no frame skip).
