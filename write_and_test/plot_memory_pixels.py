@@ -63,8 +63,9 @@ def main(args: Args) -> None:
                 ax.plot(mean.index, mean.values, color=color, linewidth=2.2,
                         label={"lstm": "LSTM", "none": "feed-forward"}[core])
         game = env_id.rpartition("/")[2].partition("-")[0]
-        if game in MINATAR_PAPER_DQN and max(df.loc[df["env_id"] == env_id, "step"]) > 300_000:
-            frames, value = zip(*[p for p in MINATAR_PAPER_DQN[game] if p[0] <= df["step"].max()])
+        env_steps = df.loc[df["env_id"] == env_id, "step"].max()
+        if game in MINATAR_PAPER_DQN and env_steps > 300_000:  # the first runs (250k) stay without them
+            frames, value = zip(*[p for p in MINATAR_PAPER_DQN[game] if p[0] <= env_steps])
             ax.plot(frames, value, "k--o", markersize=3, linewidth=1, label="MinAtar paper DQN (training)")
         ax.set_title(env_id.rpartition(":")[2], fontsize=10)
         ax.set_xlabel("environment steps")
