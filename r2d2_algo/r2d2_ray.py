@@ -1088,10 +1088,18 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
         temp_dir = tempfile.mkdtemp(prefix="r2d2_ray_", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
         # workers at niceness 0, as r2d2_mp.py's processes (Ray's default, 15, puts the acting thread
         # below the learner, the shards and ale-py's threads on a machine they all share)
-        ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
-                 num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
-                 object_store_memory=object_store_memory,
-                 _system_config={"worker_niceness": 0})
+        # Ray's own processes join this process group and block SIGINT (Ctrl-C) but not SIGTERM:
+        # a SIGTERM to the group (kill -- -PGID, a batch scheduler) kills its agents and, ~10 s
+        # later, the raylet with every shard, before the final checkpoint can read them. They
+        # inherit this signal mask, so they also block SIGTERM; ray.shutdown kills them anyway.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
+                     num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
+                     object_store_memory=object_store_memory,
+                     _system_config={"worker_niceness": 0})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return temp_dir
     except Exception as e:  # ConnectionError, ValueError, RuntimeError from ray.init
         raise SystemExit(f"r2d2_ray.py: error: cannot start or join Ray"

@@ -217,11 +217,20 @@ def test_weight_store_publishes_on_request_and_rate_limits():
 
 def test_checkpoint_and_resume(tmp_path, ray_home):
     """SIGTERM writes a final checkpoint (exit 143); --resume continues the same run from its step
-    and updates, with the shards' replay; a changed algorithm argument is refused in one line."""
+    and updates, with the shards' replay; a changed algorithm argument is refused in one line.
+
+    The SIGTERM goes to the whole process group (what a batch scheduler or ``kill -- -PGID`` does),
+    which holds the embedded Ray's own processes too; they must outlive the driver's final
+    checkpoint. The driver is held stopped for 15 s after the signal: without the fix, Ray's
+    agents die of it and the raylet follows them ~10 s later, so the checkpoint always fails
+    (a race CI once lost without the hold)."""
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "100000", "--eval-episodes", "0",
                  "--checkpoint-interval", "100000")
     read_until_step(proc, 3000)
+    os.kill(proc.pid, signal.SIGSTOP)
     os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(15)
+    os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "resume with --resume saved_checkpoints/" in err, err
     (folder,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*"))
