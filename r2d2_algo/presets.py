@@ -44,11 +44,14 @@ def preset_values(name: str, script: str) -> dict:
     """The arguments preset ``name`` sets for ``script`` (a file name such as ``r2d2_mp.py``).
 
     Raises:
-        ValueError: an unknown preset, or a file that is not a preset.
+        ValueError: an unknown preset, a missing preset file, or a file that is not a preset.
     """
     path = os.path.join(PRESET_DIR, f"{name}.yaml")
-    if name not in PRESETS or not os.path.exists(path):
+    if name not in PRESETS:
         raise ValueError(f"--preset must be one of auto, none, {', '.join(PRESETS)}; got {name!r}")
+    if not os.path.exists(path):
+        raise ValueError(f"preset {name!r} needs {path}, which is missing (the presets are files of the "
+                         f"repository, not of the installed package); or give --preset none")
     with open(path) as f:
         preset = yaml.safe_load(f)
     if not isinstance(preset, dict) or not isinstance(preset.get("args"), dict):

@@ -47,6 +47,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this clone's r2d2_algo, installed or not
+
 import numpy as np
 import ray
 import torch
@@ -1097,7 +1099,9 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
             ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
                      num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
                      object_store_memory=object_store_memory,
-                     _system_config={"worker_niceness": 0})
+                     _system_config={"worker_niceness": 0},
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [  # this clone's r2d2_algo
+                         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")]))}})
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return temp_dir

@@ -4,7 +4,13 @@ import ast
 import dataclasses
 import glob
 import inspect
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +103,31 @@ def test_learns_cartpole_with_a_fixed_seed(run_script, tmp_path):
     evals = scalars(tmp_path)["eval/episodic_return"]
     assert evals[0] < 100, evals  # it starts out bad ...
     assert max(evals) >= 200, evals  # ... and learns
+
+
+@pytest.mark.parametrize("script", ["r2d2.py", "r2d2_mp.py", "r2d2_ray.py"])
+def test_script_imports_the_package_beside_it(tmp_path, script):
+    """`python <clone>/r2d2_algo/<script>` uses that clone's r2d2_algo, whether or not the package
+    is installed (uninstalled it would stop with a ModuleNotFoundError traceback; installed from
+    another clone it would silently run that clone's replay and model)."""
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "clone"
+    shutil.copytree(root / "r2d2_algo", clone / "r2d2_algo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "experiment_configs" / "presets", clone / "experiment_configs" / "presets")
+    with open(clone / "r2d2_algo" / "__init__.py", "a") as f:
+        f.write("\nprint('r2d2_algo imported from', __file__)\n")
+    marker = f"r2d2_algo imported from {clone / 'r2d2_algo' / '__init__.py'}"
+    result = subprocess.run([sys.executable, str(clone / "r2d2_algo" / script), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert marker in result.stdout
+    if script == "r2d2_ray.py":  # the Ray workers too, not only the driver
+        with tempfile.TemporaryDirectory(prefix="rt_", dir="/tmp") as ray_home:  # short socket paths
+            result = subprocess.run([sys.executable, str(clone / "r2d2_algo" / script), "--env-id", "CartPole-v1",
+                                     "--num-actors", "1", "--num-envs-per-actor", "2", "--hidden-size", "16",
+                                     "--total-timesteps", "600", "--learning-starts", "400", "--eval-episodes", "0"],
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                    env=dict(os.environ, RAY_TMPDIR=ray_home, OMP_NUM_THREADS="1"))
+        assert result.returncode == 0, result.stderr
+        workers = [line for line in (result.stdout + result.stderr).splitlines() if "pid=" in line]
+        assert any(marker in line for line in workers), result.stdout + result.stderr
