@@ -260,13 +260,25 @@ def frame_stack_of(env_id: str) -> int:
 
 
 def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]:
-    """Validate that R2D2 can run ``env_id`` (built and reset once); return its (adapted)
-    observation space and action count. Prints the notes of ``adapt_observation`` unless ``quiet``.
+    """Validate that R2D2 can run ``env_id`` (built and reset once per process: the answer is
+    kept, so the preset's family check and the script's own check build it once); return its
+    (adapted) observation space and action count. Prints the notes of ``adapt_observation``
+    unless ``quiet``.
 
     Raises:
         UnsupportedEnvError: unknown id, an env whose constructor or first reset raises, an
             observation R2D2 cannot encode, or actions not Discrete; the message names what.
     """
+    obs_space, n_actions, notes = _inspect_env(env_id)
+    if not quiet:
+        for note in notes:
+            print(f"note: {env_id}: {note}", flush=True)
+    return obs_space, n_actions
+
+
+@functools.lru_cache(maxsize=16)
+def _inspect_env(env_id: str) -> tuple[gym.spaces.Box, int, tuple[str, ...]]:
+    """``check_env_id``'s work, once per id (a raised error is not kept)."""
     env = make_env(env_id)
     try:
         obs_space, act_space = env.observation_space, env.action_space
@@ -274,10 +286,7 @@ def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]
             env.reset(seed=0)
         except Exception as e:  # noqa: BLE001 - the env's own code: any error becomes one line
             raise UnsupportedEnvError(f"{env_id!r} failed on its first reset: {_first_line(e)}") from None
-        if not quiet and not is_atari(env_id):
-            _, notes = adapt_observation(env.unwrapped)
-            for note in notes:
-                print(f"note: {env_id}: {note}", flush=True)
+        notes = () if is_atari(env_id) else tuple(adapt_observation(env.unwrapped)[1])
     finally:
         env.close()
     if not isinstance(act_space, gym.spaces.Discrete):
@@ -292,7 +301,7 @@ def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]
         raise UnsupportedEnvError(
             f"{env_id!r} has observations of shape {obs_space.shape}; R2D2 needs a 1-D vector or a 3-D image"
         )
-    return obs_space, int(act_space.n)
+    return obs_space, int(act_space.n), notes
 
 
 def default_env_threads(num_processes: int) -> int:

@@ -113,3 +113,37 @@ def test_epsilon_ladder_ape_x_values():
 def test_default_env_threads_share_the_cores_among_the_actors(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [default_env_threads(n) for n in (1, 2, 3, 15, 16, 40)] == [16, 8, 5, 1, 1, 1]
+
+
+def test_auto_preset_and_the_scripts_check_build_a_non_atari_env_once(capsys):
+    """`--preset auto` looks at the env to find its family and the script then checks it: one
+    construction between them (an env can take seconds to build), with the notes still printed."""
+    from r2d2_algo.presets import apply_preset
+    from r2d2_algo.r2d2 import Args
+
+    built = []
+
+    class CountedEnv(gym.Env):
+        observation_space = gym.spaces.Box(0, 3, (4,), np.int64)  # int64: cast, so there is a note
+        action_space = gym.spaces.Discrete(2)
+
+        def __init__(self, render_mode=None):
+            built.append(1)
+
+        def reset(self, *, seed=None, options=None):
+            return np.zeros(4, np.int64), {}
+
+        def step(self, action):
+            return np.zeros(4, np.int64), 0.0, True, False, {}
+
+    gym.register(id="CountedBuild-v0", entry_point=CountedEnv)
+    try:
+        args = apply_preset(Args(env_id="CountedBuild-v0"), ["--env-id", "CountedBuild-v0"], "r2d2.py")
+        space, n_actions = check_env_id(args.env_id)
+        out = capsys.readouterr().out
+        assert "preset vector (auto" in out and "note: CountedBuild-v0:" in out, out
+        assert len(built) == 1 and n_actions == 2 and space.shape == (4,)
+        check_env_id(args.env_id)
+        assert "note: CountedBuild-v0:" in capsys.readouterr().out
+    finally:
+        gym.registry.pop("CountedBuild-v0")
