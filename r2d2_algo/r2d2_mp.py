@@ -53,7 +53,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this clone's r2d2_algo, installed or not
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # this clone's r2d2_algo, installed or not
 
 import numpy as np
 import torch

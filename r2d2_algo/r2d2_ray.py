@@ -47,7 +47,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this clone's r2d2_algo, installed or not
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # this clone's r2d2_algo, installed or not
 
 import numpy as np
 import ray
@@ -1100,8 +1101,8 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
                      num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
                      object_store_memory=object_store_memory,
                      _system_config={"worker_niceness": 0},
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [  # this clone's r2d2_algo
-                         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")]))}})
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(  # this clone's r2d2_algo
+                         filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}})
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return temp_dir
