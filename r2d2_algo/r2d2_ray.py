@@ -18,8 +18,9 @@ plumbing). The roles, each a Ray actor except the learner:
     learner         the driver (GPU when the cluster has one): samples with at most
                     --samples-in-flight requests out, trains, sends priorities back, publishes
 
-Env workers restart on failure (--max-actor-restarts, Ray's max_restarts); a restarted worker
-cuts its streams (a time-limit mark) before it writes again. A lost shard, store or evaluator
+Env workers restart on failure (--max-actor-restarts, Ray's max_restarts); the learner pings a
+dead worker until Ray has restarted it, then starts its loop again; a restarted worker cuts its
+streams (a time-limit mark) before it writes again. A lost shard, store or evaluator
 stops the run with a one-line reason; --checkpoint-interval and --resume (the learner and every
 shard's replay in one file) continue such a run, as in r2d2_mp.py. Without --ray-address the script starts a local Ray on
 loopback and shuts it down at the end, however the run ends.
@@ -843,7 +844,7 @@ class Cluster:
                                             n_actions, seed_offset) for i in range(args.num_actors)]
         self.evaluator = ray.remote(num_cpus=0)(Evaluator).remote(args, observation_space, n_actions) \
             if args.eval_episodes > 0 else None
-        self.runs = {}
+        self.runs, self.pings = {}, {}  # object ref -> worker index: acting loops, pings of restarting workers
         self.restarts, self.supervised = 0, 0.0
 
     def describe(self) -> None:
@@ -861,13 +862,26 @@ class Cluster:
 
     def supervise(self, global_step: int, writer: SummaryWriter) -> None:
         """An env worker whose acting loop ended has died: Ray restarts it (up to
-        --max-actor-restarts); its loop is started again. Beyond that, raises StopRun. Looks at
-        most 10 times a second."""
+        --max-actor-restarts). Until the restarted worker answers a ping it gets no other call
+        (a call Ray fails fast while the actor restarts is not a second death); then its loop is
+        started again. Beyond --max-actor-restarts, or once Ray reports the worker dead for good,
+        raises StopRun. Looks at most 10 times a second."""
         if time.time() - self.supervised < 0.1:
             return
         self.supervised = time.time()
-        done, _ = ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
+        done, _ = ray.wait([*self.runs, *self.pings], num_returns=len(self.runs) + len(self.pings), timeout=0)
         for ref in done:
+            if ref in self.pings:  # a worker Ray is restarting
+                i = self.pings.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:  # still restarting: ping again
+                    self.pings[self.workers[i].node.remote()] = i
+                except ray.exceptions.RayError as e:
+                    raise StopRun(f"env worker {i} could not be restarted: {str(e).strip().splitlines()[0][:200]}")
+                else:
+                    self.runs[self.workers[i].run.remote()] = i
+                continue
             i = self.runs.pop(ref)
             try:
                 ray.get(ref)
@@ -883,7 +897,7 @@ class Cluster:
             print(f"r2d2_ray.py: env worker {i} died at step {global_step:,}; restart {self.restarts} of "
                   f"{self.args.max_actor_restarts}: {reason}", file=sys.stderr, flush=True)
             writer.add_text("actor_restarts", f"step {global_step}: env worker {i} died: {reason}", global_step)
-            self.runs[self.workers[i].run.remote()] = i
+            self.pings[self.workers[i].node.remote()] = i
 
     def kill(self) -> None:
         for actor in [*self.workers, *self.shards, self.store, *([self.evaluator] if self.evaluator else [])]:

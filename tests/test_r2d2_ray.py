@@ -93,29 +93,33 @@ def test_short_run_on_embedded_ray(tmp_path, ray_home):
     assert not glob.glob(os.path.join(ray_home, "r2d2_ray_*")), "the run's Ray folder was not removed"
 
 
-def episode_cuts(replay: dict, max_length: int = 400) -> int:
+def episode_cuts(replay: dict, max_length: int = 400) -> dict[int, int]:
     """Walk each stream of a replay state_dict in write order; assert that every episode start
     follows an end (terminated or truncated), i.e. that no n-step target or sequence can run from
-    one episode into the next; return the truncation marks of episodes shorter than
-    ``max_length`` steps (the cuts: CartPole's time limit truncates at 500 steps only)."""
+    one episode into the next. Returns, per stream with a truncation mark on an episode shorter
+    than ``max_length`` steps (a cut: CartPole's time limit truncates at 500 steps only), the
+    steps written after its last cut."""
     first, terminated, truncated = replay["first"], replay["terminated"], replay["truncated"]
-    capacity, cuts = first.shape[1], 0
+    capacity, cuts = first.shape[1], {}
     for stream, written in enumerate(replay["write_count"]):
         order = np.arange(written - min(written, capacity), written) % capacity
         f, end = first[stream, order], terminated[stream, order] | truncated[stream, order]
         starts = np.flatnonzero(f[1:]) + 1
         assert end[starts - 1].all(), f"stream {stream}: an episode starts after a step that is not an end"
         length = 0
-        for position, ok in zip(order, f):
+        for k, (position, ok) in enumerate(zip(order, f)):
             length = 1 if ok else length + 1
-            cuts += bool(truncated[stream, position] and length < max_length)
+            if truncated[stream, position] and length < max_length:
+                cuts[stream] = len(order) - 1 - k
     return cuts
 
 
 def test_killed_env_worker_is_restarted(tmp_path, ray_home):
-    """SIGKILL one env worker mid-run: Ray restarts it, the run logs it, goes on and exits 0, and
-    the replay of the last checkpoint (written after the restart) holds exactly the killed worker's
-    two streams cut by a truncation mark, and no episode start without an end before it."""
+    """SIGKILL one env worker mid-run: Ray restarts it once (a call made while it restarts is not
+    a second death), the run logs it and exits 0. The other worker is held stopped until the run
+    has gone 3,000 steps past the death, so those steps are the restarted worker's. The replay of
+    the last checkpoint holds exactly the killed worker's two streams cut by a truncation mark, new
+    steps after each cut, and no episode start without an end before it."""
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0",
                  "--checkpoint-interval", "1000")
     read_until_step(proc, 3000)
@@ -123,15 +127,38 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
                if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
+    errors = []
+    while not errors or "died at step" not in errors[-1]:
+        errors.append(proc.stderr.readline())
+        assert errors[-1], "".join(errors)
+    killed, died_at = re.search(r"env worker (\d) died at step ([\d,]+)", errors[-1]).groups()
+    os.kill(workers[1], signal.SIGSTOP)
+    try:
+        read_until_step(proc, int(died_at.replace(",", "")) + 3000)
+    finally:
+        os.kill(workers[1], signal.SIGCONT)
     out, err = proc.communicate(timeout=400)
+    err = "".join(errors) + err
     assert proc.returncode == 0, err
-    assert "died at step" in err and "restart 1 of 3" in err
-    restarted_at = int(re.search(r"died at step ([\d,]+)", err).group(1).replace(",", ""))
+    assert "restart 1 of 3" in err and "restart 2" not in err, err
     (checkpoint_file,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*" / "checkpoint.pt"))
     checkpoint = load_checkpoint(checkpoint_file)
-    assert checkpoint["progress"]["global_step"] >= restarted_at + 2000
     (shard,) = from_storable(checkpoint["replay_shards"])
-    assert episode_cuts(shard["replay"]) == 2
+    cuts = episode_cuts(shard["replay"])
+    E = 2  # --num-envs-per-actor: worker i's streams are i*E, i*E + 1
+    assert sorted(cuts) == [int(killed) * E, int(killed) * E + 1], cuts
+    assert min(cuts.values()) >= 1000, cuts  # the restarted worker's steps (3,000 and more, over 2 streams)
+
+
+def test_a_death_beyond_max_actor_restarts_stops_the_run(tmp_path, ray_home):
+    proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "10000000", "--max-actor-restarts", "0")
+    read_until_step(proc, 2000)
+    (victim, _) = [pid for pid in ray_processes()
+                   if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "(0 of --max-actor-restarts 0 restarts used)" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("stop_signal, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
