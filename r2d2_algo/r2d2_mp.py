@@ -1196,7 +1196,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             if not final:
                 raise
             return print(f"r2d2_mp.py: no final checkpoint: {error}", file=sys.stderr, flush=True)
-        print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
+        tqdm.write(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}")
+        sys.stdout.flush()
         if final:
             print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 

@@ -59,6 +59,7 @@ import torch
 import tyro
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
@@ -200,13 +201,16 @@ class Args:
     """ε of evaluation episodes (evaluate.py's default)"""
     log_interval: int = 20_000
     """environment steps between scalar logs"""
+    progress_bar: bool = True
+    """show a tqdm progress bar with SPS and recent return (when stderr is a terminal)"""
 
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "amp", "ray_address", "samples_in_flight", "actor_push_interval")
+                  "max_actor_restarts", "amp", "ray_address", "samples_in_flight", "actor_push_interval",
+                  "progress_bar")
 
 
 def check_args(args: Args) -> None:
@@ -963,7 +967,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             if not final:
                 raise
             return print(f"r2d2_ray.py: no final checkpoint: {error}", file=sys.stderr, flush=True)
-        print(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}", flush=True)
+        tqdm.write(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}")
+        sys.stdout.flush()
         if final:
             print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 
@@ -982,6 +987,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
             "added": sum(shard["added"] for shard in shard_stats)}
     global_step, updates, stats, learner_behind = progress["global_step"], progress["updates"], {}, False
+    bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
+               disable=not args.progress_bar or not sys.stderr.isatty())
     try:
         while global_step < args.total_timesteps:
             stop.check()
@@ -996,6 +1003,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                         writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                         writer.add_scalar("charts/episodic_length", episodic_length, global_step)
             global_step = progress["global_step"] = sum(shard["steps"] for shard in shard_stats)
+            bar.update(min(global_step, args.total_timesteps) - bar.n)  # the workers' last pushes overshoot
             valid = sum(shard["valid"] for shard in shard_stats)
 
             # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
@@ -1033,7 +1041,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             if evaluation is not None and ray.wait([evaluation], timeout=0)[0]:
                 step, returns = ray.get(evaluation)
                 log_evaluation(writer, returns, step, time.time() - start_time)
-                print(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+                tqdm.write(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
+                sys.stdout.flush()
                 evaluation = None
             if cluster.evaluator is not None and evaluation is None and progress["next_eval"] is not None \
                     and global_step >= progress["next_eval"]:
@@ -1052,9 +1061,11 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                 if versions:
                     writer.add_scalar("charts/parameter_lag", updates - float(np.mean(versions)), global_step)
                 writer.add_scalar("charts/actor_restarts", cluster.restarts, global_step)
-                mean_return = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
-                      f"return {mean_return:.1f}, replay {replay.size:,}", flush=True)
+                mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "– (no episode ended yet)"
+                tqdm.write(f"step {global_step:,}: SPS {sps:.0f}, updates {updates:,} ({updates_per_second:.1f}/s), "
+                           f"return {mean_return}, replay {replay.size:,}")
+                sys.stdout.flush()
+                bar.set_postfix(SPS=f"{sps:.0f}", ret=mean_return.split()[0], upd=updates)
                 while progress["next_log"] <= global_step:
                     progress["next_log"] += args.log_interval
 
@@ -1066,7 +1077,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         if evaluation is not None:
             step, returns = ray.get(evaluation)
             log_evaluation(writer, returns, step, time.time() - start_time)
-            print(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+            tqdm.write(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
+            sys.stdout.flush()
         writer.add_scalar("charts/learner_updates", updates, global_step)
         if args.save_model:
             save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
@@ -1074,7 +1086,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         elif cluster.evaluator is not None and progress["evaluated_at"] != updates:
             step, returns = ray.get(cluster.evaluator.evaluate.remote(publish(updates, False), global_step))
             log_evaluation(writer, returns, step, time.time() - start_time)
-            print(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}", flush=True)
+            tqdm.write(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
+            sys.stdout.flush()
         return 0
     except StopRun as e:
         print(f"r2d2_ray.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
@@ -1086,6 +1099,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
               f"{str(e).strip().splitlines()[0][:200]}", file=sys.stderr, flush=True)
         return 1
     finally:
+        bar.close()
         writer.close()
 
 
