@@ -2,6 +2,7 @@
 leaves the file). These tests keep the copies equal in behaviour: the same loss, priorities,
 targets and update on the same batch, and the same steps written by the acting step."""
 
+import dataclasses
 import difflib
 from pathlib import Path
 
@@ -121,6 +122,18 @@ def test_the_diff_between_the_scripts_is_the_plumbing():
     r2d2_ray.py (the README's figures: 72 % and 70 % when written)."""
     assert shared_line_fraction(ROOT / "r2d2_algo" / "r2d2.py", ROOT / "r2d2_algo" / "r2d2_mp.py") >= 0.70
     assert shared_line_fraction(ROOT / "r2d2_algo" / "r2d2.py", ROOT / "r2d2_algo" / "r2d2_ray.py") >= 0.65
+
+
+def test_the_scripts_share_their_flags():
+    """A flag of r2d2.py means the same in r2d2_mp.py and r2d2_ray.py (same name and type), and
+    every flag of r2d2_mp.py is in r2d2_ray.py: a sweep config or a habit carries over. Apart: the
+    env count (--num-envs of one process is --num-envs-per-actor of each actor) and r2d2_mp.py's
+    --inference (Ray workers always act on their own copy)."""
+    fields = {m: {f.name: f.type for f in dataclasses.fields(m.Args)} for m in (r2d2, r2d2_mp, r2d2_ray)}
+    for variant in VARIANTS:
+        missing = {name for name in fields[r2d2] if fields[variant].get(name) != fields[r2d2][name]}
+        assert missing == {"num_envs"}, (variant.__name__, missing)
+    assert {name for name in fields[r2d2_mp] if fields[r2d2_ray].get(name) != fields[r2d2_mp][name]} == {"inference"}
 
 
 def shared_line_fraction(a: Path, b: Path) -> float:
