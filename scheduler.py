@@ -40,6 +40,7 @@ import tyro
 from r2d2_algo.checks import check_writable
 from r2d2_algo.experiments import (ConfigError, Run, config_paths, load_configs, log_path, read_record,
                                    record_path, state_dir, write_record)
+from r2d2_algo.processes import pid_alive, process_start_time
 
 RUNS_DIR = "runs"  # the scripts write runs/{run_name} relative to their working directory
 CHECKPOINTS_DIR = Path("saved_checkpoints")  # and saved_checkpoints/{run_name}/ with --checkpoint-interval
@@ -91,37 +92,6 @@ def _child_setup(parent_pid: int):
                 os._exit(1)
 
     return setup
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/{pid}/stat after the command name (state first), or None without /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (to tell it from a later process with the same pid)."""
-    stat = _proc_stat(pid)
-    return stat[19] if stat else None
-
-
-def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
-    """Whether the process runs (a zombie, or a new process that reuses the pid, does not count)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    return stat[0] not in ("Z", "X") and (start_time is None or stat[19] == start_time)
 
 
 def kill_group(pgid: int, sig: int) -> None:

@@ -23,8 +23,8 @@ dead worker until Ray has restarted it, then starts its loop again; a restarted 
 streams (a time-limit mark) before it writes again. A lost shard, store or evaluator
 stops the run with a one-line reason; --checkpoint-interval and --resume (the learner and every
 shard's replay in one file) continue such a run, as in r2d2_mp.py. Without --ray-address the script starts a local Ray on
-loopback and shuts it down at the end, however the run ends (ray_reaper.py does it if this
-process is SIGKILLed).
+loopback and shuts it down at the end, however the run ends (processes.py's reaper does it if
+this process is SIGKILLed).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from r2d2_algo import processes
 from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -76,7 +77,6 @@ from r2d2_algo.checks import check_common_args
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo import ray_reaper
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.stopping import StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
@@ -1183,8 +1183,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     try:
         temp_dir = start_ray(args, store_size)
         if temp_dir is not None:  # removes Ray's processes and folder if this process dies first (SIGKILL)
-            reaper = subprocess.Popen([sys.executable, ray_reaper.__file__, temp_dir,
-                                       *ray_reaper.descendants(os.getpid())], stdin=subprocess.PIPE,
+            reaper = subprocess.Popen([sys.executable, processes.__file__, temp_dir,
+                                       *processes.descendants(os.getpid())], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         stop = StopRequest()  # after ray.init, whose own SIGTERM handler aborts the process
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} env workers × "

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from r2d2_algo import ray_reaper
+from r2d2_algo import processes
 from r2d2_algo.checkpoint import from_storable, load_checkpoint
 
 pytest.importorskip("ray")
@@ -173,21 +173,21 @@ def test_stopped_run_exits_cleanly(tmp_path, ray_home, stop_signal, code):
 
 
 def test_reaper_kills_only_the_processes_it_was_given_and_removes_the_folder(tmp_path):
-    """ray_reaper: a PID:START_TIME whose pid is another process now (a reused pid) is left alone,
+    """processes.py's reaper: a PID:START_TIME whose pid is another process now (a reused pid) is left alone,
     the one given with its own start time is killed, the folder is removed; run as a process, it
     does nothing when the driver writes "done", and reaps when its stdin just ends."""
     folder = tmp_path / "r2d2_ray_x"
     (folder / "logs").mkdir(parents=True)
     keep, kill = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
     try:
-        given = {p.pid: f"{p.pid}:{ray_reaper.start_time(p.pid)}" for p in (keep, kill)}
-        assert set(given.values()) <= set(ray_reaper.descendants(os.getpid()))
-        reused = f"{keep.pid}:{int(ray_reaper.start_time(keep.pid)) + 1}"
-        ray_reaper.reap(str(folder), [reused, given[kill.pid]])
+        given = {p.pid: f"{p.pid}:{processes.process_start_time(p.pid)}" for p in (keep, kill)}
+        assert set(given.values()) <= set(processes.descendants(os.getpid()))
+        reused = f"{keep.pid}:{int(processes.process_start_time(keep.pid)) + 1}"
+        processes.reap(str(folder), [reused, given[kill.pid]])
         assert kill.wait(timeout=5) == -signal.SIGKILL and keep.poll() is None and not folder.exists()
         for message, reaped in [(b"done", False), (b"", True)]:
             folder.mkdir(exist_ok=True)
-            reaper = subprocess.Popen([sys.executable, ray_reaper.__file__, str(folder), given[keep.pid]],
+            reaper = subprocess.Popen([sys.executable, processes.__file__, str(folder), given[keep.pid]],
                                       stdin=subprocess.PIPE)
             reaper.communicate(message, timeout=30)
             assert reaper.returncode == 0 and folder.exists() != reaped and (keep.poll() is not None) == reaped
@@ -213,7 +213,7 @@ def test_sigkilled_driver_leaves_no_ray_process_or_folder(tmp_path, ray_home):
                 cmdline = open(stat, "rb").read()
             except OSError:  # it has just exited
                 continue
-            if b"ray_reaper" in cmdline and ray_home.encode() in cmdline:
+            if b"processes.py" in cmdline and ray_home.encode() in cmdline:
                 reapers.append(cmdline)
         return glob.glob(os.path.join(ray_home, "r2d2_ray_*")) + reapers
 

@@ -1,0 +1,105 @@
+"""Processes by /proc (Linux): liveness that a reused pid cannot fool, and the reaper of an
+embedded Ray whose driver died without stopping it. Stdlib only.
+
+- ``process_start_time`` / ``pid_alive``: a process is named by its pid and its start time (field
+  22 of /proc/PID/stat), so a later process that reuses the pid never counts as it (the
+  scheduler's records of its runs; the reaper below).
+- Run as a script, the reaper. When its driver dies (SIGKILL, the OOM killer), Ray takes the
+  raylet, the GCS and every worker down at once, but its dashboard and runtime-env agents first
+  wait 60 s on the dead GCS (to report the raylet's death), and nothing removes the session
+  folder. ``r2d2_ray.py`` therefore starts this file right after ``ray.init``, in a new session
+  (signals to the run's process group do not reach it):
+
+      python r2d2_algo/processes.py FOLDER PID:START_TIME ...
+
+  FOLDER is the run's Ray folder; each PID:START_TIME one of Ray's processes then
+  (``descendants`` of the driver). It reads its stdin, a pipe only the driver holds, to the end:
+  the driver writes ``done`` there after it has shut Ray down and removed the folder. The end of
+  the pipe without ``done`` means the driver died: it SIGKILLs those of the processes still
+  alive and removes the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/{pid}/stat after the command name (state first), or None without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (to tell it from a later process with the same pid)."""
+    stat = proc_stat(pid)
+    return stat[19] if stat else None
+
+
+def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
+    """Whether the process runs (a zombie, or a new process that reuses the pid, does not count)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = proc_stat(pid)
+    if stat is None:
+        return True
+    return stat[0] not in ("Z", "X") and (start_time is None or stat[19] == start_time)
+
+
+def descendants(pid: int) -> list[str]:
+    """Every live descendant of ``pid`` as ``PID:START_TIME`` (the reaper's arguments)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        stat = proc_stat(int(entry)) if entry.isdigit() else None
+        if stat:
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        started = process_start_time(child)
+        if started is not None:
+            found.append(f"{child}:{started}")
+        todo.extend(children.get(child, []))
+    return found
+
+
+def reap(folder: str, processes: list[str]) -> None:
+    """SIGKILL each ``PID:START_TIME`` still alive (and the same process), wait up to 5 s for them
+    to go (or turn zombies their dead parent left to init), then remove ``folder``."""
+    alive = []
+    for entry in processes:
+        pid, started = int(entry.split(":")[0]), entry.split(":")[1]
+        if pid_alive(pid, started):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                alive.append((pid, started))
+            except OSError:
+                pass
+    deadline = time.time() + 5
+    while alive and time.time() < deadline:
+        alive = [(pid, started) for pid, started in alive if pid_alive(pid, started)]
+        time.sleep(0.1)
+    for _ in range(3):  # a worker still exiting may write one more log line into it
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            break
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the end of the pipe ends it
+    if sys.stdin.read().strip() != "done":
+        reap(sys.argv[1], sys.argv[2:])
