@@ -20,11 +20,11 @@ plumbing). The roles, each a Ray actor except the learner:
 
 Env workers restart on failure (--max-actor-restarts, Ray's max_restarts); the learner pings a
 dead worker until Ray has restarted it, then starts its loop again; a restarted worker cuts its
-streams (a time-limit mark) before it writes again. A lost shard, store or evaluator
-stops the run with a one-line reason; --checkpoint-interval and --resume (the learner and every
-shard's replay in one file) continue such a run, as in r2d2_mp.py. Without --ray-address the script starts a local Ray on
-loopback and shuts it down at the end, however the run ends (processes.py's reaper does it if
-this process is SIGKILLed).
+streams (a time-limit mark) before it writes again. A lost shard, store or evaluator stops the
+run with a one-line reason; --checkpoint-interval and --resume (the learner and every shard's
+replay in one file) continue such a run, as in r2d2_mp.py. Without --ray-address the script
+starts a local Ray on loopback and shuts it down at the end, however the run ends
+(processes.py's reaper does it if this process is SIGKILLed).
 """
 
 from __future__ import annotations

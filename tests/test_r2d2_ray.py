@@ -173,9 +173,9 @@ def test_stopped_run_exits_cleanly(tmp_path, ray_home, stop_signal, code):
 
 
 def test_reaper_kills_only_the_processes_it_was_given_and_removes_the_folder(tmp_path):
-    """processes.py's reaper: a PID:START_TIME whose pid is another process now (a reused pid) is left alone,
-    the one given with its own start time is killed, the folder is removed; run as a process, it
-    does nothing when the driver writes "done", and reaps when its stdin just ends."""
+    """processes.py's reaper: a PID:START_TIME whose pid is another process now (a reused pid) is
+    left alone, the one given with its own start time is killed, the folder is removed; run as a
+    process, it does nothing when the driver writes "done", and reaps when its stdin just ends."""
     folder = tmp_path / "r2d2_ray_x"
     (folder / "logs").mkdir(parents=True)
     keep, kill = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
