@@ -61,18 +61,16 @@ def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
 
 def descendants(pid: int) -> list[str]:
     """Every live descendant of ``pid`` as ``PID:START_TIME`` (the reaper's arguments)."""
-    children: dict[int, list[int]] = {}
+    children: dict[int, list[str]] = {}  # parent pid -> its children as PID:START_TIME
     for entry in os.listdir("/proc"):
         stat = proc_stat(int(entry)) if entry.isdigit() else None
         if stat:
-            children.setdefault(int(stat[1]), []).append(int(entry))
+            children.setdefault(int(stat[1]), []).append(f"{entry}:{stat[19]}")
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
-        started = process_start_time(child)
-        if started is not None:
-            found.append(f"{child}:{started}")
-        todo.extend(children.get(child, []))
+        found.append(child)
+        todo.extend(children.get(int(child.split(":")[0]), []))
     return found
 
 
@@ -81,7 +79,8 @@ def reap(folder: str, processes: list[str]) -> None:
     to go (or turn zombies their dead parent left to init), then remove ``folder``."""
     alive = []
     for entry in processes:
-        pid, started = int(entry.split(":")[0]), entry.split(":")[1]
+        pid, started = entry.split(":")
+        pid = int(pid)
         if pid_alive(pid, started):
             try:
                 os.kill(pid, signal.SIGKILL)

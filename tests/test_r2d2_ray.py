@@ -43,6 +43,12 @@ def ray_processes():
     return found
 
 
+def env_worker_pids() -> list[int]:
+    """PIDs of the run's live EnvWorker processes."""
+    return [pid for pid in ray_processes()
+            if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+
+
 @pytest.fixture
 def ray_home():
     """A short temporary folder for Ray's files (its socket paths must stay under ~100 characters)."""
@@ -124,8 +130,7 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0",
                  "--checkpoint-interval", "1000")
     read_until_step(proc, 3000)
-    workers = [pid for pid in ray_processes()
-               if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+    workers = env_worker_pids()
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     errors = []
@@ -154,8 +159,7 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
 def test_a_death_beyond_max_actor_restarts_stops_the_run(tmp_path, ray_home):
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "10000000", "--max-actor-restarts", "0")
     read_until_step(proc, 2000)
-    (victim, _) = [pid for pid in ray_processes()
-                   if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+    (victim, _) = env_worker_pids()
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
