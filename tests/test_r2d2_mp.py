@@ -370,7 +370,8 @@ def test_killed_actor_is_restarted_and_its_streams_are_cut(tmp_path, inference):
 def test_evaluation_runs_beside_the_learner(tmp_path):
     """Evaluations (400-step episodes) run in their own process on the published weights: the
     learner goes on updating while each one runs, and every result is logged at the step it was
-    asked for, the last one with the final weights."""
+    asked for, the last one with the final weights (a periodic one when the learner made no update
+    after it, else one more at the end)."""
     proc = start(tmp_path, "--env-id", "long_episode_env:LongEpisode-v0", "--num-actors", "1", "--total-timesteps",
                  "12000", "--eval-interval", "3000", "--eval-episodes", "4", *SMALL,
                  extra_env={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
@@ -383,7 +384,9 @@ def test_evaluation_runs_beside_the_learner(tmp_path):
     acc.Reload()
     evaluations = acc.Scalars("eval/episodic_return")
     assert [e.value for e in evaluations] == [400.0] * len(evaluations)  # 4 whole episodes each
-    assert evaluations[-1].step >= 12000
+    versions = [int(n.replace(",", "")) for n in re.findall(r"weights of update ([\d,]+)", out)]
+    assert len(versions) == len(evaluations) and versions[-1] == acc.Scalars("charts/learner_updates")[-1].value, out
+    assert evaluations[-1].step >= 9000  # the last --eval-interval mark before the end, or the end
 
 
 def test_actor_deaths_beyond_max_actor_restarts_stop_the_run(tmp_path):
