@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import tyro
 
+from r2d2_algo.devices import set_float32_precision
 from r2d2_algo.envs import check_env_id, default_env_threads, frame_stack_of, make_vector_env
 from r2d2_algo.model import RNNQNetwork
 from r2d2_algo.r2d2_mp import Args as R2D2Args
@@ -144,10 +145,11 @@ def _worker(kind: str, env_id: str, num_envs: int, num_splits: int, env_threads:
 
 
 def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int, seconds: float,
-                  num_splits: int = 1, env_threads: int = 0, central: bool = False) -> dict:
+                  num_splits: int = 1, env_threads: int = 0, central: bool = False,
+                  inference_device: str = "cpu") -> dict:
     """Summed steps/s (observations/s for 'forward') of `processes` workers, and steps per CPU-second.
-    ``central``: actors served by one central inference process (r2d2_mp.inference_server, on the
-    CPU here, paper-size network); its CPU time over the measured window counts too."""
+    ``central``: actors served by one central inference process (r2d2_mp.inference_server on
+    ``inference_device``, paper-size network); its CPU time over the measured window counts too."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     server = arrays = None
@@ -166,7 +168,8 @@ def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int,
         requests, responses = ctx.Semaphore(0), [ctx.Semaphore(0) for _ in range(processes)]
         publish(net, arrays["weights"], arrays["weights_version"], lock, 0)
         server = ctx.Process(target=inference_server, args=(args, arrays.layout, lock, requests, responses, stop_event,
-                                                             errors, observation_space, n_actions, os.getpid(), "cpu"))
+                                                             errors, observation_space, n_actions, os.getpid(),
+                                                             inference_device))
         server.start()
         channels = [(arrays.layout, requests, responses[i], stop_event) for i in range(processes)]
     workers = [ctx.Process(target=_worker, args=(kind, env_id, envs_per_process, num_splits, env_threads, processes,
@@ -222,19 +225,24 @@ def _collect(kind, workers, processes, q, seconds, server, server_cpu) -> dict:
 
 
 def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: float, env_splits: int,
-               inference: str = "local") -> dict:
-    """Run r2d2_mp.py for `seconds` past learning start and parse its last SPS log lines."""
+               inference: str = "local", extra: tuple[str, ...] = (), on_line=None) -> dict:
+    """Run r2d2_mp.py for `seconds` past learning start and parse its last SPS log lines.
+    ``extra``: more flags (later ones override the ones here); ``on_line(pid)`` runs after each
+    line of its output (gpu_check.py samples the GPU memory of its processes there)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), "--env-id", env_id, "--num-actors",
                str(processes), "--num-envs-per-actor", str(envs_per_process), "--env-splits", str(env_splits),
                "--inference", inference,
                "--total-timesteps", "100000000",
-               "--learning-starts", "2000", "--buffer-size", "100000", "--log-interval", "5000", "--eval-episodes", "0"]
+               "--learning-starts", "2000", "--buffer-size", "100000", "--log-interval", "5000", "--eval-episodes", "0",
+               *extra]
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, start = [], time.time()
         learning_since = None
         for line in proc.stdout:
             lines.append(line)
+            if on_line is not None:
+                on_line(proc.pid)
             m = re.search(r"SPS (\d+), updates ([\d,]+) \(([\d.]+)/s\)", line)
             if m and int(m.group(2).replace(",", "")) > 0 and learning_since is None:
                 learning_since = time.time()
@@ -254,10 +262,11 @@ def system_sps(env_id: str, processes: int, envs_per_process: int, seconds: floa
     stats = [re.search(r"SPS (\d+), updates ([\d,]+) \(([\d.]+)/s\)", l) for l in lines]
     stats = [m for m in stats if m and int(m.group(2).replace(",", "")) > 0][1:]  # skip the first learning line
     if not stats:
-        return {"sps": float("nan"), "updates_per_second": float("nan"), "exit_seconds_after_ctrl_c": exit_seconds}
+        return {"sps": float("nan"), "updates_per_second": float("nan"), "exit_seconds_after_ctrl_c": exit_seconds,
+                "returncode": proc.returncode, "log_tail": "".join(lines[-20:])}
     return {"sps": float(np.mean([int(m.group(1)) for m in stats])),
             "updates_per_second": float(np.mean([float(m.group(3)) for m in stats])),
-            "exit_seconds_after_ctrl_c": exit_seconds}
+            "exit_seconds_after_ctrl_c": exit_seconds, "returncode": proc.returncode, "log_tail": "".join(lines[-20:])}
 
 
 def replay_throughput(env_id: str, seconds: float) -> dict:
@@ -291,17 +300,23 @@ def replay_throughput(env_id: str, seconds: float) -> dict:
                 n_step=5, overlap=40, frame_stack=frame_stack) / 200_000}
 
 
-def learner_rates(env_id: str, updates: int) -> dict:
+def learner_rates(env_id: str, updates: int, device: str | None = None, amp: bool = False,
+                  overrides: dict | None = None, capacity: int = 100_000, pipeline: bool = True) -> dict:
     """The learner's updates/s at the paper's batch (64 windows × (40 + 80 + 5) steps, paper-size
-    network) on the learner's device: once on one pre-loaded batch (the update alone), once fed
-    by r2d2_mp's Prefetcher from a replay of random frames (sampling, frame stacks rebuilt on the
-    device, priority updates). One warm-up update each, then ``updates`` timed."""
+    network; ``overrides``: other r2d2_mp.py arguments, e.g. batch_size) on ``device`` (default:
+    CUDA if present), in float32 or under ``amp``: once on one pre-loaded batch (the update alone),
+    once (``pipeline``) fed by r2d2_mp's Prefetcher from a replay of random frames (sampling, frame
+    stacks rebuilt on the device, priority updates). One warm-up update each, then ``updates``
+    timed. On CUDA also the peak memory the learner allocated."""
     observation_space, n_actions = check_env_id(env_id)
     frame_stack = frame_stack_of(env_id)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = R2D2Args(env_id=env_id)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = R2D2Args(env_id=env_id, amp=amp, **(overrides or {}))
+    set_float32_precision(args.tf32)  # as r2d2_mp.py's learner
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
-    E, capacity = 16, 100_000
+    E = 16
     replay = SequenceReplayBuffer(E, capacity, observation_space.shape, observation_space.dtype, q_network.state_size,
                                   args.burn_in_length, args.sequence_length, args.n_step, args.overlap,
                                   frame_stack=frame_stack)
@@ -322,6 +337,11 @@ def learner_rates(env_id: str, updates: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates["preloaded"] = updates / (time.time() - t0)
+        if not pipeline:
+            return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "batch_size": args.batch_size, "preloaded_updates_per_second": rates["preloaded"],
+                    "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda" else None}
         prefetcher = Prefetcher(replay, args.batch_size, rng, pin=device.type == "cuda")
         prefetcher.start()
         try:
@@ -340,10 +360,12 @@ def learner_rates(env_id: str, updates: int) -> dict:
             prefetcher.join(timeout=5)
     finally:
         stop.restore()
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "batch": f"{args.batch_size} × ({args.burn_in_length} + {args.sequence_length} + {args.n_step})",
+            "batch_size": args.batch_size, "amp": amp,
             "preloaded_updates_per_second": rates["preloaded"], "pipeline_updates_per_second": rates["pipeline"],
-            "pipeline_over_preloaded": rates["pipeline"] / rates["preloaded"]}
+            "pipeline_over_preloaded": rates["pipeline"] / rates["preloaded"],
+            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
 def fastest_forward(rates: dict, unit: str) -> float:

@@ -162,16 +162,19 @@ def learner_state(q_network: torch.nn.Module, target_network: torch.nn.Module, o
     and, if ``include_replay``, the replay's contents and priorities (r2d2_ray.py keeps its
     replay in the shards: ``replay`` None, ``include_replay`` False)."""
     return {"q_network": q_network.state_dict(), "target_network": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": rng_states(rng), "progress": dict(progress),
+            "optimizer": optimizer.state_dict(), "rng": rng_states(rng, _device_of(q_network)), "progress": dict(progress),
             "recent_returns": list(recent_returns),
             "replay": _numpy_to_torch(replay.state_dict()) if include_replay else None}
 
 
 def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_network: torch.nn.Module, optimizer,
                        rng: np.random.Generator | None, progress: dict, recent_returns, replay, learning_starts: int) -> None:
-    """Inverse of ``learner_state``. Without a saved replay, learning starts again after
+    """Inverse of ``learner_state``, onto the networks' device whichever device wrote the
+    checkpoint (tensors are read onto the CPU and copied into the networks' parameters; Adam's
+    state follows its parameters). Without a saved replay, learning starts again after
     ``learning_starts`` new steps (``progress``'s learn_from and updates_base); with ``replay``
-    None (r2d2_ray.py's shards) the caller loads the replay and decides that itself.
+    None (r2d2_ray.py's shards) the caller loads the replay and decides that itself. Prints one
+    line for an RNG state that could not be restored on this device (``restore_rng_states``).
 
     Raises:
         KeyError, RuntimeError, ValueError, TypeError: a checkpoint that does not fit these objects.
@@ -185,33 +188,52 @@ def load_learner_state(checkpoint: dict, q_network: torch.nn.Module, target_netw
         replay.load_state_dict(_torch_to_numpy(checkpoint["replay"]))
     elif replay is not None:  # an empty replay: learning starts again after learning_starts new steps
         progress.update(learn_from=progress["global_step"] + learning_starts, updates_base=progress["updates"])
-    restore_rng_states(checkpoint["rng"], rng)
+    notice = restore_rng_states(checkpoint["rng"], rng, _device_of(q_network))
+    if notice:
+        print(f"resuming: {notice}", flush=True)
 
 
-def rng_states(rng: np.random.Generator | None) -> dict:
-    """Python, numpy (global and ``rng``, if any) and torch RNG states, to put in a checkpoint."""
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def rng_states(rng: np.random.Generator | None, device: torch.device | str = "cpu") -> dict:
+    """Python, numpy (global and ``rng``, if any) and torch RNG states, to put in a checkpoint; on
+    a CUDA ``device`` (the learner's) also that device's CUDA RNG state. No other device is
+    touched: a CPU run creates no CUDA context, a run under CUDA_VISIBLE_DEVICES saves one state."""
     import random
 
+    device = torch.device(device)
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if rng is not None:
         states["generator"] = rng.bit_generator.state
-    if torch.cuda.is_available():
-        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        states["torch_cuda"] = [torch.cuda.get_rng_state(device)]
     return _numpy_to_torch(states)
 
 
-def restore_rng_states(states: dict, rng: np.random.Generator | None) -> None:
-    """Inverse of ``rng_states``."""
+def restore_rng_states(states: dict, rng: np.random.Generator | None, device: torch.device | str = "cpu") -> str | None:
+    """Inverse of ``rng_states`` on ``device`` (the resumed learner's, which may differ from the
+    saved one's). A checkpoint written on a GPU (its first saved CUDA state, as older checkpoints
+    held one per visible GPU) resumes on the CPU and the other way round; returns a one-line
+    notice of the RNG state that could not be restored, or None."""
     import random
 
+    device = torch.device(device)
     states = _torch_to_numpy(states)
     random.setstate(_tuples(states["python"]))
     np.random.set_state(_tuples(states["numpy"]))
     if rng is not None:
         rng.bit_generator.state = states["generator"]
     torch.set_rng_state(torch.as_tensor(states["torch"], dtype=torch.uint8))
-    if "torch_cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in states["torch_cuda"]])
+    saved_cuda = states.get("torch_cuda") or []
+    if device.type == "cuda" and saved_cuda:
+        torch.cuda.set_rng_state(torch.as_tensor(saved_cuda[0], dtype=torch.uint8), device)
+    elif saved_cuda:
+        return "the checkpoint's CUDA RNG state is not restored (this run is on the CPU)"
+    elif device.type == "cuda":
+        return "the checkpoint holds no CUDA RNG state (it was written on the CPU): CUDA's RNG starts from --seed"
+    return None
 
 
 def _tuples(x):
@@ -274,7 +296,9 @@ def resume_args(args, saved: dict, argv: list[str], may_change: tuple[str, ...])
     import tyro
 
     fields = [f.name for f in dataclasses.fields(args) if f.name != "resume"]
-    saved = {"preset": "none", **saved}  # checkpoints from before presets: their arguments were complete
+    # checkpoints from before presets (their arguments were complete) and before --tf32 (PyTorch's
+    # default then: TF32 off for matrix products; the flag may change on resume anyway)
+    saved = {"preset": "none", "tf32": False, **saved}
     missing = sorted(set(fields) - set(saved))
     if missing:
         raise CheckpointError(f"checkpoint lacks arguments {', '.join(missing)} (saved by another script or version)")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import tyro
 
+from r2d2_algo.devices import set_float32_precision
 from r2d2_algo.envs import check_env_id, make_env, make_vector_env
 from r2d2_algo.model import RNNQNetwork
 
@@ -208,6 +209,7 @@ class Args:
 
 def main(args: Args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    set_float32_precision(False)  # IEEE float32 on CUDA too: the reference of the training runs' evaluations
     try:
         output = args.output or os.path.join(os.path.dirname(args.model), "evaluate.json")
         result = evaluate_saved_model(args.model, args.episodes, args.epsilon, args.seed, args.env_id,

@@ -356,7 +356,8 @@ class RNNQNetwork(nn.Module):
             first: (T, B) bool, True where the step begins an episode (state zeroed there).
             state: (B, state_size) float, recurrent state entering step 0.
         Returns:
-            q: (T, B, n_actions) float32.
+            q: (T, B, n_actions) float32; bfloat16 under a bfloat16 autocast (--amp), where the torso
+                and the head compute in bfloat16 and the core in float32.
             state: (B, state_size) float32 after the last step.
         """
         T, B = obs.shape[:2]
@@ -366,7 +367,11 @@ class RNNQNetwork(nn.Module):
         # the reward enters squashed to (−1, 1), as in Acme's R2D2 (OAREmbedding): a task's reward
         # scale must not saturate the core's gates
         core_in = torch.cat([features, one_hot, torch.tanh(prev_reward.float()).unsqueeze(-1)], dim=-1)
-        out, state = self.core(core_in, state, first)  # (T, B, H)
+        # the core runs in float32 under any autocast (--amp): on CUDA, autocast runs cuDNN's LSTM in
+        # float16 whatever dtype it was given, without gradient scaling; and the state it carries
+        # through burn-in and the stored state in replay keep float32's precision on every device
+        with torch.autocast(core_in.device.type, enabled=False):
+            out, state = self.core(core_in.float(), state.float(), first)  # (T, B, H) float32
         value = self.value(out)  # (T, B, 1)
         advantage = self.advantage(out)  # (T, B, A)
         return value + advantage - advantage.mean(dim=-1, keepdim=True), state
@@ -375,3 +380,31 @@ class RNNQNetwork(nn.Module):
 def parameter_count(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return int(sum(np.prod(p.shape) for p in module.parameters() if p.requires_grad))
+
+
+def load_parameter_vector(module: nn.Module, vector: torch.Tensor | np.ndarray) -> None:
+    """Copy a flat vector (P,) of any float dtype and device, in ``module.parameters()`` order
+    (``torch.nn.utils.parameters_to_vector``'s layout), into the parameters in place.
+
+    Each parameter keeps its device, dtype and storage (an LSTM's stay inside cuDNN's flat weight
+    buffer); values are cast to the parameter's dtype. ``vector_to_parameters`` is not used
+    because it rebinds every parameter to a slice of the vector: a CPU vector loaded into a CUDA
+    network would leave it on the CPU.
+
+    Raises:
+        ValueError: the vector is not 1-D or its length is not the module's parameter count.
+    """
+    parameters = list(module.parameters())
+    if isinstance(vector, np.ndarray) and not vector.flags.writeable:  # e.g. from Ray's object store
+        vector = vector.copy()  # torch warns on (and never writes to) a read-only array
+    vector = torch.as_tensor(vector)
+    if parameters:
+        vector = vector.to(parameters[0].device)  # one transfer to a CUDA network, not one per parameter
+    total = sum(p.numel() for p in parameters)
+    if vector.dim() != 1 or vector.numel() != total:
+        raise ValueError(f"a parameter vector of shape {tuple(vector.shape)} does not fit {total:,} parameters")
+    offset = 0
+    with torch.no_grad():
+        for p in parameters:
+            p.copy_(vector[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()

@@ -46,6 +46,7 @@ from r2d2_algo.checkpoint import (
     unpickle_envs,
 )
 from r2d2_algo.checks import check_common_args
+from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
@@ -132,7 +133,9 @@ class Args:
     max_grad_norm: float = 40.0
     """gradient norm clip (Ape-X: 40)"""
     amp: bool = False
-    """mixed precision: the learner's forward passes in bfloat16 autocast (targets, loss and priorities in float32)"""
+    """mixed precision: the learner's torso and head in bfloat16 autocast, its recurrent core in float32 (targets, loss and priorities in float32; acting and evaluation in float32)"""
+    tf32: bool = False
+    """on CUDA, float32 matrix products, convolutions and LSTMs in TF32 (faster on Ampere and later, ~1e-3 relative error); off: IEEE float32, as on the CPU"""
     learning_starts: int = 2_000
     """environment steps before learning starts"""
     replay_ratio: float = 32.0
@@ -153,7 +156,7 @@ class Args:
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "progress_bar", "amp")
+                  "eval_episodes", "eval_epsilon", "log_interval", "progress_bar", "amp", "tf32")
 
 
 def check_args(args: Args) -> None:
@@ -530,6 +533,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)  # replay sampling and exploration
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    set_float32_precision(args.tf32)  # on CUDA: TF32 or IEEE float32 (--tf32)
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)
     epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,) one rung per env
@@ -569,7 +573,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         tqdm.write(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}")
 
     writer = open_writer(run_name, args, progress["global_step"], epsilons)
-    print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device}, replay "
+    print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device} "
+          f"({precision_summary(device, args.amp, args.tf32)}), replay "
           f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
 
     start_time = time.time() - progress["elapsed"]

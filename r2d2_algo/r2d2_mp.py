@@ -61,7 +61,7 @@ import torch
 import torch.multiprocessing as mp
 import tyro
 from tqdm import tqdm
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 from torch.utils.tensorboard import SummaryWriter
 
 from r2d2_algo.checkpoint import (
@@ -74,9 +74,10 @@ from r2d2_algo.checkpoint import (
     save_model,
 )
 from r2d2_algo.checks import check_common_args
+from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
-from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.shared import SharedArrays, available_memory_bytes
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
@@ -179,7 +180,11 @@ class Args:
     max_grad_norm: float = 40.0
     """gradient norm clip (Ape-X: 40)"""
     amp: bool = False
-    """mixed precision: the learner's forward passes in bfloat16 autocast (targets, loss and priorities in float32)"""
+    """mixed precision: the learner's torso and head in bfloat16 autocast, its recurrent core in float32
+    (targets, loss and priorities in float32; actors and evaluation in float32)"""
+    tf32: bool = False
+    """on CUDA, float32 matrix products, convolutions and LSTMs in TF32 (faster on Ampere and later, ~1e-3
+    relative error); off: IEEE float32, as on the CPU"""
     learning_starts: int = 10_000
     """environment steps before learning starts"""
     replay_ratio: float = 0.4
@@ -205,7 +210,7 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "inference", "amp", "progress_bar")
+                  "max_actor_restarts", "inference", "amp", "tf32", "progress_bar")
 
 
 def check_args(args: Args) -> None:
@@ -644,7 +649,7 @@ def publish(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, 
 def load_published_weights(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, lock) -> int:
     """Actor side of ``publish``: load the shared weights into ``network``; returns their version."""
     with lock:
-        vector_to_parameters(torch.from_numpy(weights.copy()), network.parameters())
+        load_parameter_vector(network, weights)  # in place: device, dtype and storage stay
         return int(version[0])
 
 
@@ -755,6 +760,7 @@ def inference_server(args: Args, layout: dict, weights_lock, requests, responses
     arrays = SharedArrays.attach(layout)
     try:
         device = torch.device(device_name)
+        set_float32_precision(args.tf32)  # as the learner's
         A, E = args.num_actors, args.num_envs_per_actor
         net = make_network(args, observation_space, n_actions).to(device)
         inputs = {name: arrays[f"inference_{name}"] for name in INFERENCE_INPUTS}
@@ -1161,6 +1167,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
     torch.backends.cudnn.deterministic = args.torch_deterministic
     rng = np.random.default_rng(args.seed)  # replay sampling (the prefetch thread's)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    set_float32_precision(args.tf32)  # on CUDA: TF32 or IEEE float32 (--tf32)
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     epsilons = epsilon_ladder(args.num_actors * args.num_envs_per_actor, args.epsilon_base, args.epsilon_alpha)
     actor_steps = arrays["actor_steps"][: args.num_actors]
@@ -1441,11 +1448,13 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{args.num_envs_per_actor} envs{'' if envs_per_actor_given else ' (default)'}, replay "
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
               f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "
-              f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}", flush=True)
+              f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}; learner on {learner_device.type} "
+              f"({precision_summary(learner_device, args.amp, args.tf32)})", flush=True)
         processes.start(checkpoint["progress"]["global_step"] if checkpoint is not None else 0, learner_device,
                         stop.check)
-        if learner_device.type == "cpu":  # a CPU learner takes the cores the actors leave
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
+        # the learner's CPU threads take the cores the actors leave: a CPU learner computes there; a GPU
+        # learner needs few (copies, Python), and idle OpenMP threads spinning on all cores would slow the actors
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
         stop.check()  # a stop that came while they started
         return learner(args, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,
                        frame_stack, stop)

@@ -57,7 +57,7 @@ import numpy as np
 import ray
 import torch
 import tyro
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -74,9 +74,10 @@ from r2d2_algo.checkpoint import (
     to_storable,
 )
 from r2d2_algo.checks import check_common_args
+from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
-from r2d2_algo.model import RNNQNetwork, parameter_count
+from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.stopping import StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
@@ -182,7 +183,11 @@ class Args:
     max_grad_norm: float = 40.0
     """gradient norm clip (Ape-X: 40)"""
     amp: bool = False
-    """mixed precision: the learner's forward passes in bfloat16 autocast (targets, loss and priorities in float32)"""
+    """mixed precision: the learner's torso and head in bfloat16 autocast, its recurrent core in float32
+    (targets, loss and priorities in float32; actors and evaluation in float32)"""
+    tf32: bool = False
+    """on CUDA, float32 matrix products, convolutions and LSTMs in TF32 (faster on Ampere and later, ~1e-3
+    relative error); off: IEEE float32, as on the CPU"""
     learning_starts: int = 10_000
     """environment steps before learning starts"""
     replay_ratio: float = 0.4
@@ -209,7 +214,7 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "amp", "ray_address", "samples_in_flight", "actor_push_interval",
+                  "max_actor_restarts", "amp", "tf32", "ray_address", "samples_in_flight", "actor_push_interval",
                   "progress_bar")
 
 
@@ -786,7 +791,7 @@ class EnvWorker:
         """Load the weights of a ``WeightStore.newer`` reply, if newer; returns whether the learner is behind."""
         version, ref, learner_behind = reply
         if ref is not None:
-            vector_to_parameters(torch.from_numpy(np.array(ray.get(ref[0]))), self.net.parameters())
+            load_parameter_vector(self.net, ray.get(ref[0]))
             self.version = version
         return learner_behind
 
@@ -827,7 +832,7 @@ class Evaluator:
         self.args, self.net = args, make_network(args, observation_space, n_actions)
 
     def evaluate(self, weights: list, step: int) -> tuple[int, np.ndarray]:
-        vector_to_parameters(torch.from_numpy(np.array(ray.get(weights[0]))), self.net.parameters())
+        load_parameter_vector(self.net, ray.get(weights[0]))
         returns, _ = evaluate(self.net, self.args.env_id, self.args.eval_episodes, self.args.seed + EVAL_SEED_OFFSET,
                               "cpu", self.args.eval_epsilon)
         return step, np.asarray(returns, dtype=np.float64)
@@ -930,6 +935,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    set_float32_precision(args.tf32)  # on CUDA: TF32 or IEEE float32 (--tf32)
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     epsilons = epsilon_ladder(args.num_actors * args.num_envs_per_actor, args.epsilon_base, args.epsilon_alpha)
     progress = initial_progress(args)
@@ -1187,11 +1193,13 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                                        *processes.descendants(os.getpid())], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         stop = StopRequest()  # after ray.init, whose own SIGTERM handler aborts the process
+        learner_device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} env workers × "
               f"{args.num_envs_per_actor} envs, {args.num_replay_shards} replay shard(s) of "
               f"{args.buffer_size // args.num_replay_shards:,} observations, Ray "
               f"{'at ' + args.ray_address if args.ray_address else 'local (127.0.0.2)'}; the run keeps at most "
-              f"{in_flight / 2**20:,.1f} MiB in Ray's object store{'' if args.ray_address else ' (of %.0f MiB in /dev/shm)' % (store_size / 2**20)}",
+              f"{in_flight / 2**20:,.1f} MiB in Ray's object store{'' if args.ray_address else ' (of %.0f MiB in /dev/shm)' % (store_size / 2**20)}"
+              f"; learner on {learner_device.type} ({precision_summary(learner_device, args.amp, args.tf32)})",
               flush=True)
         cluster = Cluster(args, run_name, observation_space, n_actions, network.state_size, frame_stack,
                           checkpoint["progress"]["global_step"] if checkpoint is not None else 0)

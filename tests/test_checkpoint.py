@@ -16,7 +16,7 @@ import torch
 from r2d2_algo.analysis import load_scalars
 from r2d2_algo.checkpoint import CheckpointError, load_model, resume_args
 from r2d2_algo.r2d2 import RESUMABLE_ARGS, Args
-from tests.conftest import ROOT
+from tests.conftest import CUDA_AVAILABLE, ROOT
 
 SHORT = ["--no-progress-bar", "--learning-starts", "800", "--replay-ratio", "4", "--log-interval", "400"]
 
@@ -258,3 +258,105 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(tmp_path, m
     monkeypatch.undo()
     assert checkpoint_module.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path / "run") == ["checkpoint.pt"]  # no temporary file left
+
+
+CUDA_FUNCTIONS = ("init", "get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all")
+
+
+def small_learner():
+    """A CPU learner as the scripts' checkpoints hold it: online and target network, Adam."""
+    import gymnasium as gym
+    import torch._dynamo  # noqa: F401 - the optimizer imports it lazily; it must see torch.cuda unpatched
+
+    from r2d2_algo.model import RNNQNetwork
+
+    space = gym.spaces.Box(-1, 1, (4,), np.float32)
+    q_network, target_network = RNNQNetwork(space, 2, "lstm", 8, 8, 8), RNNQNetwork(space, 2, "lstm", 8, 8, 8)
+    return q_network, target_network, torch.optim.Adam(q_network.parameters())
+
+
+def test_the_checkpoint_of_a_cpu_run_touches_no_gpu(monkeypatch):
+    """A --no-cuda run on a GPU machine: writing and loading its checkpoint's learner state calls
+    nothing of torch.cuda (reading every GPU's RNG state creates a CUDA context on each) and saves
+    no CUDA state. CUDA is made to look present; every torch.cuda RNG function fails if called."""
+    from r2d2_algo.checkpoint import learner_state, load_learner_state
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU run used torch.cuda")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    learner, other = small_learner(), small_learner()
+    for name in CUDA_FUNCTIONS:
+        monkeypatch.setattr(torch.cuda, name, touched)
+    state = learner_state(*learner, np.random.default_rng(0), {"global_step": 5}, [], None, include_replay=False)
+    assert "torch_cuda" not in state["rng"]
+    load_learner_state(state, *other, np.random.default_rng(1), {}, [], None, 0)
+
+
+def test_a_checkpoint_written_on_gpus_restores_its_rng_states_on_the_cpu_or_one_gpu(monkeypatch, capsys):
+    """A checkpoint of a run that saw 4 GPUs (older checkpoints hold one CUDA RNG state per visible
+    GPU), resumed where fewer are visible (the scheduler's CUDA_VISIBLE_DEVICES) or on the CPU:
+    the CPU, numpy and Python states are restored; on the CPU the CUDA state is named as not
+    restored (one line), on one GPU that GPU gets the first saved state. Here CUDA is simulated:
+    one visible GPU, whose set_rng_state_all fails for more states than GPUs, as torch's does."""
+    import random
+
+    from r2d2_algo.checkpoint import learner_state, load_learner_state, restore_rng_states
+
+    rng, other = np.random.default_rng(0), small_learner()
+    state = learner_state(*small_learner(), rng, {"global_step": 5}, [], None, include_replay=False)
+    expected = (random.random(), np.random.random(), torch.rand(1).item(), rng.random())
+    state["rng"]["torch_cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    restored = []
+
+    def set_rng_state_all(new_states):
+        if len(new_states) > 1:
+            raise IndexError("list index out of range")  # torch, with fewer devices than states
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    rng = np.random.default_rng(99)
+    load_learner_state(state, *other, rng, {}, [], None, 0)  # a CPU learner
+    assert capsys.readouterr().out == "resuming: the checkpoint's CUDA RNG state is not restored (this run is on the CPU)\n"
+    assert not restored
+    assert (random.random(), np.random.random(), torch.rand(1).item(), rng.random()) == expected
+    assert restore_rng_states(state["rng"], rng, torch.device("cuda", 0)) is None  # a learner on the one GPU
+    assert len(restored) == 1 and torch.equal(restored[0][0], state["rng"]["torch_cuda"][0])
+    del state["rng"]["torch_cuda"]  # written on the CPU, resumed on a GPU
+    assert "written on the CPU" in restore_rng_states(state["rng"], rng, torch.device("cuda", 0))
+
+
+def test_a_run_checkpointed_on_a_gpu_resumes_on_the_cpu(checkpointed, run_script, tmp_path):
+    """End to end, as on a GPU machine whose run is resumed on a laptop: a checkpoint holding the
+    CUDA RNG states of two GPUs resumes with r2d2.py on the CPU, says in one line what it could not
+    restore, and finishes."""
+    saved = torch.load(checkpointed, weights_only=True)
+    saved["rng"]["torch_cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    saved["args"]["cuda"] = True
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    out = run_script("r2d2.py", "--resume", tmp_path / "checkpoint.pt", "--total-timesteps", "1600",
+                     "--no-progress-bar")
+    assert out.returncode == 0, out.stderr
+    assert "resuming: the checkpoint's CUDA RNG state is not restored (this run is on the CPU)" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device")
+@pytest.mark.parametrize("saved_on, resumed_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_run_saved_on_one_device_resumes_and_evaluates_on_the_other(run_script, tmp_path, saved_on, resumed_on):
+    """On a GPU machine: r2d2.py checkpointed and saved on one device resumes, finishes and is
+    evaluated on the other (the GPU visible to all three commands; --cuda/--no-cuda choose)."""
+    flag = {"cuda": "--cuda", "cpu": "--no-cuda"}
+    first = run_script("r2d2.py", *SHORT, "--total-timesteps", "1200", "--eval-episodes", "0", "--checkpoint-interval",
+                       "1000", flag[saved_on], device="cuda")
+    assert first.returncode == 0 and f"parameters on {saved_on}" in first.stdout, first.stderr
+    (checkpoint_dir,) = glob.glob(str(tmp_path / "saved_checkpoints" / "*"))
+    resumed = run_script("r2d2.py", "--resume", checkpoint_dir, "--total-timesteps", "1600", "--save-model",
+                         flag[resumed_on], device="cuda")
+    assert resumed.returncode == 0 and f"parameters on {resumed_on}" in resumed.stdout, resumed.stderr
+    (model,) = glob.glob(str(tmp_path / "saved_models" / "*" / "model.pt"))
+    evaluated = run_script("evaluate.py", "--model", model, "--episodes", "2", flag[saved_on], device="cuda")
+    assert evaluated.returncode == 0, evaluated.stderr

@@ -184,3 +184,77 @@ def test_previous_action_none_is_all_zero_one_hot():
     q_none, _ = net(obs, torch.tensor([[-1]]), *rest)
     q_zero, _ = net(obs, torch.tensor([[0]]), *rest)
     assert not torch.allclose(q_none, q_zero)
+
+
+def parameter_layout(net):
+    """(device, dtype, storage pointer, shape) of every parameter, and the LSTM's flat weights."""
+    return [(p.device, p.dtype, p.data_ptr(), tuple(p.shape)) for p in net.parameters()]
+
+
+@pytest.mark.parametrize("vector_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_a_weight_load_keeps_each_parameters_device_dtype_and_storage(device, vector_dtype):
+    """What the actors, the evaluator and central inference do with published weights: a CPU
+    vector (of any float dtype) copied into a network on ``device`` leaves every parameter where
+    it was (device, dtype, storage: an LSTM's stay in its flat weight buffer) and equal to the
+    vector. torch's vector_to_parameters rebinds them to the CPU vector instead (a float64 vector
+    makes them float64; on CUDA the next forward pass fails)."""
+    from r2d2_algo.model import load_parameter_vector
+    from torch.nn.utils import parameters_to_vector
+
+    torch.manual_seed(5)
+    space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    source = RNNQNetwork(space, 6, "lstm", 16, 16, 16)
+    vector = parameters_to_vector(source.parameters()).detach().to(vector_dtype)  # (P,) on the CPU
+    net = RNNQNetwork(space, 6, "lstm", 16, 16, 16).to(device)
+    before = parameter_layout(net)
+    load_parameter_vector(net, vector.numpy())
+    assert parameter_layout(net) == before
+    for p, q in zip(net.parameters(), source.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=0, atol=0)
+    rnn = net.core.rnn
+    assert [w.data_ptr() for w in rnn._flat_weights] == [p.data_ptr() for p in rnn.parameters()]
+    obs = torch.zeros(3, 2, 4, 84, 84, dtype=torch.uint8, device=device)
+    q, _ = net(obs, torch.zeros(3, 2, dtype=torch.long, device=device), torch.zeros(3, 2, device=device),
+               torch.zeros(3, 2, dtype=torch.bool, device=device), net.initial_state(2, device))
+    assert q.device.type == torch.device(device).type and q.dtype == torch.float32
+    with pytest.raises(ValueError, match="does not fit"):
+        load_parameter_vector(net, vector[:-1].numpy())
+
+
+def test_every_script_loads_published_weights_in_place(device, monkeypatch):
+    """The weight loads of the scripts themselves: r2d2_mp.py's load_published_weights (actors,
+    evaluator, central inference) and r2d2_ray.py's env worker and evaluator (Ray's object store
+    hands them a read-only array; ray.get is replaced by the identity here)."""
+    import threading
+
+    from r2d2_algo import r2d2_mp, r2d2_ray
+    from torch.nn.utils import parameters_to_vector
+
+    torch.manual_seed(6)
+    space = gym.spaces.Box(-1, 1, (4,), np.float32)
+    source = RNNQNetwork(space, 2, "lstm", 8, 8, 8)
+    vector = parameters_to_vector(source.parameters()).detach().double().numpy()  # (P,) float64
+
+    net = RNNQNetwork(space, 2, "lstm", 8, 8, 8).to(device)
+    before = parameter_layout(net)
+    assert r2d2_mp.load_published_weights(net, vector, np.array([7]), threading.Lock()) == 7
+    assert parameter_layout(net) == before
+    torch.testing.assert_close(parameters_to_vector(net.parameters()).cpu(), torch.from_numpy(vector).float())
+
+    monkeypatch.setattr(r2d2_ray.ray, "get", lambda ref: ref)
+    read_only = vector.copy()
+    read_only.flags.writeable = False
+    for role in (r2d2_ray.EnvWorker, r2d2_ray.Evaluator):
+        worker = object.__new__(role)  # the load alone, without Ray
+        worker.net = RNNQNetwork(space, 2, "lstm", 8, 8, 8).to(device)
+        worker.version = -1
+        before = parameter_layout(worker.net)
+        if role is r2d2_ray.EnvWorker:
+            worker.refresh((3, [read_only], False))
+        else:
+            monkeypatch.setattr(r2d2_ray, "evaluate", lambda *args, **kwargs: ([0.0], None))
+            worker.args = r2d2_ray.Args(eval_episodes=1)
+            worker.evaluate([read_only], 0)
+        assert parameter_layout(worker.net) == before
+        torch.testing.assert_close(parameters_to_vector(worker.net.parameters()).cpu(),
+                                   torch.from_numpy(vector).float())
