@@ -40,7 +40,7 @@ import tyro
 from r2d2_algo.checks import check_writable
 from r2d2_algo.experiments import (ConfigError, Run, config_paths, load_configs, log_path, read_record,
                                    record_path, state_dir, write_record)
-from r2d2_algo.processes import pid_alive, process_start_time
+from r2d2_algo.processes import pid_alive, process_start_time, quiet_if_hung_up
 
 RUNS_DIR = "runs"  # the scripts write runs/{run_name} relative to their working directory
 CHECKPOINTS_DIR = Path("saved_checkpoints")  # and saved_checkpoints/{run_name}/ with --checkpoint-interval
@@ -406,6 +406,8 @@ def main(args: Args) -> int:
         return 2
 
     def on_signal(signum, frame):
+        if signum == signal.SIGHUP:  # a closed terminal: its output would fail with EIO
+            quiet_if_hung_up()
         if scheduler.stop_signal is None:
             scheduler.stop_signal = signum
         else:  # a second Ctrl-C: no more waiting

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ import tyro
 from r2d2_algo.devices import set_float32_precision
 from r2d2_algo.envs import check_env_id, make_env, make_vector_env
 from r2d2_algo.model import RNNQNetwork
+from r2d2_algo.processes import quiet_if_hung_up
 
 EVAL_EPSILON = 0.001
 """ε of evaluation episodes. The R2D2 paper gives none; 0.001 is the usual evaluation ε of the
@@ -227,8 +229,19 @@ def main(args: Args) -> None:
     print(f"results written to {result['output']}")
 
 
+def _stop(signum, frame):
+    """SIGTERM and SIGHUP stop an evaluation as Ctrl-C does (a hung-up terminal's output goes to /dev/null)."""
+    if signum == signal.SIGHUP:
+        quiet_if_hung_up()
+    raise KeyboardInterrupt(signum)
+
+
 if __name__ == "__main__":
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, _stop)
     try:
         main(tyro.cli(Args))
-    except KeyboardInterrupt:
-        sys.exit("evaluate.py: interrupted")
+    except KeyboardInterrupt as e:  # the results file is written whole or not at all
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"evaluate.py: stopped by {signal.Signals(signum).name}; no results written", file=sys.stderr)
+        sys.exit(128 + signum)

@@ -4,6 +4,9 @@ embedded Ray whose driver died without stopping it. Stdlib only.
 - ``process_start_time`` / ``pid_alive``: a process is named by its pid and its start time (field
   22 of /proc/PID/stat), so a later process that reuses the pid never counts as it (the
   scheduler's records of its runs; the reaper below).
+- ``quiet_if_hung_up``: after a hangup (a closed terminal, a dropped ssh connection), stdout and
+  stderr that were that terminal go to /dev/null, so that the last lines of a clean stop do not
+  fail with EIO.
 - Run as a script, the reaper. When its driver dies (SIGKILL, the OOM killer), Ray takes the
   raylet, the GCS and every worker down at once, but its dashboard and runtime-env agents first
   wait 60 s on the dead GCS (to report the raylet's death), and nothing removes the session
@@ -26,6 +29,24 @@ import shutil
 import signal
 import sys
 import time
+
+
+# which of stdout/stderr were terminals when this module loaded (a hung-up one no longer says so)
+_tty_at_start = {fd: os.isatty(fd) for fd in (1, 2)}
+
+
+def quiet_if_hung_up() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal that has hung up (writes to
+    it fail with EIO; ``isatty`` answers False once it has): what a closed terminal leaves."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced by a test, or closed
+            continue
+        if _tty_at_start.get(fd) and not os.isatty(fd):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
 
 
 def proc_stat(pid: int) -> list[str] | None:

@@ -69,7 +69,7 @@ class Args:
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
     checkpoint_interval: int = 0
-    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM write one too)"""
+    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM/SIGHUP write one too)"""
     checkpoint_replay: bool = True
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None
@@ -501,7 +501,7 @@ def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, o
 
 
 def main(args: Args, argv: list[str] | None = None) -> int:
-    """Train; returns the exit code (0, or 128 + signal when stopped by Ctrl-C / SIGTERM)."""
+    """Train; returns the exit code (0, or 128 + signal when stopped by Ctrl-C / SIGTERM / SIGHUP)."""
     try:  # everything that can refuse the arguments runs before the run folder is created
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set

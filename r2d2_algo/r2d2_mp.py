@@ -25,7 +25,7 @@ layout declared in ``create_shared_memory``):
                   and stops everything however the run ends
 
 Defaults are the paper's Atari values (docs/algorithm.md) except the replay capacity, scaled to
-a workstation. A run that stops for any reason (end, Ctrl-C, SIGTERM, an exception in the
+a workstation. A run that stops for any reason (end, Ctrl-C, SIGTERM, SIGHUP, an exception in the
 learner, an actor that died once more than --max-actor-restarts allows) stops its processes
 within seconds and unlinks its shared memory; a dead actor is reported by name with its
 traceback.
@@ -79,7 +79,7 @@ from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, fr
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
-from r2d2_algo.shared import SharedArrays, available_memory_bytes
+from r2d2_algo.shared import SharedArrays, available_memory_bytes, start_resource_tracker
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
 
@@ -97,7 +97,7 @@ class Args:
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
     checkpoint_interval: int = 0
-    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM write one too)"""
+    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM/SIGHUP write one too)"""
     checkpoint_replay: bool = True
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None
@@ -653,12 +653,18 @@ def load_published_weights(network: torch.nn.Module, weights: np.ndarray, versio
         return int(version[0])
 
 
-def ignore_stop_signals(name: str) -> None:
-    """First lines of a child process: the learner handles Ctrl-C / SIGTERM for the whole run
-    (children start with them blocked, see Processes.spawn, and ignore them from here). ``name``
-    is the role shown by ps and top (Linux: /proc/PID/comm, 15 characters)."""
+def ignore_stop_signals(name: str, parent_pid: int) -> None:
+    """First lines of a child process: the learner handles Ctrl-C / SIGTERM / SIGHUP for the whole
+    run (children start with them blocked, see Processes.spawn, and ignore them from here), and a
+    learner that dies without stopping them (SIGKILL, the OOM killer) takes them along at once
+    (PR_SET_PDEATHSIG; the loops' own checks of the parent are the fallback). ``name`` is the role
+    shown by ps and top (Linux: /proc/PID/comm, 15 characters)."""
     try:
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the learner died before the line above
+            os._exit(0)
     except (OSError, AttributeError):  # not Linux: the default name stays
         pass
     for signum in STOP_SIGNALS:
@@ -756,7 +762,7 @@ def inference_server(args: Args, layout: dict, weights_lock, requests, responses
     that entered the step. Its weights follow the actors' rule: newer ones are asked for once the
     actors have taken --actor-update-interval steps each on average since the last refresh, or
     while they wait (--min-replay-ratio, a checkpoint); its version is every actor's."""
-    ignore_stop_signals("r2d2-inference")
+    ignore_stop_signals("r2d2-inference", parent_pid)
     arrays = SharedArrays.attach(layout)
     try:
         device = torch.device(device_name)
@@ -834,7 +840,7 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
     step count, or the step of a restart) gives new episodes. With ``inference_channel`` (the
     inference process's request semaphore and this actor's response semaphore) the forward passes
     run in the central inference process, which also keeps the weights up to date."""
-    ignore_stop_signals(f"r2d2-actor-{actor_id}")
+    ignore_stop_signals(f"r2d2-actor-{actor_id}", parent_pid)
     arrays = SharedArrays.attach(layout)
     envs = None
     try:
@@ -910,7 +916,7 @@ def evaluator(args: Args, layout: dict, weights_lock, requests, results, error_q
     (step, weights version, returns (episodes,) float64) on ``results``. It runs beside the
     learner at a lower CPU priority (nice 10), so learning never waits for an evaluation; a
     ``None`` request, or a learner that is gone, ends it."""
-    ignore_stop_signals("r2d2-evaluator")
+    ignore_stop_signals("r2d2-evaluator", parent_pid)
     try:
         os.nice(10)
     except OSError:  # not allowed here: it keeps the normal priority
@@ -939,7 +945,7 @@ def evaluator(args: Args, layout: dict, weights_lock, requests, results, error_q
 class Processes:
     """The child processes of a run (main's plumbing): starts the actors and the evaluator,
     restarts an actor that dies (up to --max-actor-restarts), carries their queues, and stops
-    them all. Children are started with SIGINT and SIGTERM blocked (see ``spawn``)."""
+    them all. Children are started with SIGINT, SIGTERM and SIGHUP blocked (see ``spawn``)."""
 
     def __init__(self, args: Args, arrays: SharedArrays, replay_kwargs: dict, observation_space, n_actions: int):
         self.args, self.arrays, self.replay_kwargs = args, arrays, replay_kwargs
@@ -964,9 +970,9 @@ class Processes:
         self.cut_streams, self.writer = cut_streams, writer
 
     def spawn(self, target, name: str, *process_args):
-        # Ctrl-C in a terminal, or a SIGTERM to the group, reaches every process, and only the
-        # learner must act on it (it pauses the actors for a last checkpoint, then stops them).
-        # Children start with SIGINT and SIGTERM blocked (the mask is inherited through exec,
+        # Ctrl-C in a terminal, a SIGTERM to the group or a closed terminal's SIGHUP reaches every
+        # process, and only the learner must act on it (it pauses the actors for a last checkpoint,
+        # then stops them). Children start with them blocked (the mask is inherited through exec,
         # before Python even loads) and ignore them from their first line. Blocked, not ignored,
         # here too: a stop that arrives during the spawn (about a second) is not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -1431,8 +1437,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     else:
         run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
+    start_resource_tracker()  # first: it must outlive a hangup of the group, and clean up after a SIGKILL quietly
     arrays = SharedArrays()
-    stop = StopRequest()  # from here on, Ctrl-C and SIGTERM stop the run cleanly
+    stop = StopRequest()  # from here on, Ctrl-C, SIGTERM and SIGHUP stop the run cleanly
     processes = Processes(args, arrays, replay_kwargs, observation_space, n_actions)
     try:
         replay = create_shared_memory(arrays, replay_kwargs, parameters_to_vector(network.parameters()).numel(),

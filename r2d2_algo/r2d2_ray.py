@@ -96,7 +96,7 @@ class Args:
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
     checkpoint_interval: int = 0
-    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM write one too)"""
+    """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM/SIGHUP write one too)"""
     checkpoint_replay: bool = True
     """checkpoints include the replay shards and their priorities (else a resumed run refills them)"""
     resume: str | None = None
@@ -1128,11 +1128,12 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
         temp_dir = tempfile.mkdtemp(prefix="r2d2_ray_", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
         # workers at niceness 0, as r2d2_mp.py's processes (Ray's default, 15, puts the acting thread
         # below the learner, the shards and ale-py's threads on a machine they all share)
-        # Ray's own processes join this process group and block SIGINT (Ctrl-C) but not SIGTERM:
-        # a SIGTERM to the group (kill -- -PGID, a batch scheduler) kills its agents and, ~10 s
-        # later, the raylet with every shard, before the final checkpoint can read them. They
-        # inherit this signal mask, so they also block SIGTERM; ray.shutdown kills them anyway.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        # Ray's own processes join this process group and block SIGINT (Ctrl-C) but not SIGTERM
+        # or SIGHUP: a SIGTERM to the group (kill -- -PGID, a batch scheduler) or a closed
+        # terminal's SIGHUP kills its agents and, ~10 s later, the raylet with every shard, before
+        # the final checkpoint can read them. They inherit this signal mask, so they also block
+        # SIGTERM and SIGHUP; ray.shutdown kills them anyway.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
         try:
             ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
                      num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",

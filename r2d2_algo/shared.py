@@ -1,8 +1,11 @@
 """Numpy arrays in POSIX shared memory (/dev/shm): created and unlinked by the learner,
 attached by name by the actors.
 
-Every segment is registered with Python's resource tracker by the process that creates it,
-so even a learner killed with SIGKILL has its segments unlinked when the tracker notices.
+Every segment (and every semaphore of multiprocessing's locks and queues) is registered with
+Python's resource tracker, a process of its own, so even a learner killed with SIGKILL (the OOM
+killer) has them unlinked once its children have exited. ``start_resource_tracker`` starts that
+tracker so that it survives a stop signal sent to the whole process group (a closed terminal's
+SIGHUP) and cleans up silently.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from multiprocessing import shared_memory
+import signal
+from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
@@ -81,6 +85,32 @@ class SharedArrays:
             except FileNotFoundError:
                 pass
         self._owner = False
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, before this process creates shared memory or
+    semaphores (it starts on first use otherwise), so that:
+
+    - it ignores SIGHUP (inherited as ignored; it ignores SIGINT and SIGTERM itself): a hangup
+      sent to the run's process group leaves it running, for the learner's own clean stop;
+    - it does not warn about "leaked shared_memory objects" when it cleans up after a learner
+      killed with SIGKILL: in this design that is a killed learner, not a leak, and the tracker's
+      cleanup is the run's (its warnings are filtered by module, for the tracker process only).
+
+    A tracker that is running already (a second run in one process, a test) is kept as it is.
+    """
+    warnings_before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings_before,
+                                                          "ignore::UserWarning:multiprocessing.resource_tracker"]))
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
+        if warnings_before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings_before
 
 
 _HAS_TRACK = "track" in shared_memory.SharedMemory.__init__.__code__.co_varnames  # Python >= 3.13

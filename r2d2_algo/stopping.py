@@ -1,6 +1,7 @@
-"""Stopping a training run cleanly on Ctrl-C or SIGTERM: one mechanism for every variant.
+"""Stopping a training run cleanly on Ctrl-C, SIGTERM or SIGHUP: one mechanism for every variant.
 
-- ``StopRequest`` installs handlers for SIGINT and SIGTERM that only record the signal; the
+- ``StopRequest`` installs handlers for SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped
+  ssh connection) that only record the signal; the
   training loop calls ``check()`` at its own boundaries (once per iteration, and while it
   waits), which raises ``StopRun`` there. An exception raised asynchronously inside library
   code (tensorboard's writer, a queue) could leave it blocked in its clean-up; a recorded one
@@ -10,8 +11,12 @@
   module call and every parameter gradient, and ``StopRun`` abandons the update midway. It is
   raised before ``optimizer.step``, so the weights stay as the last finished update left them.
 - A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+- A hangup whose terminal is gone (``quiet_if_hung_up``): the process's stdout and stderr,
+  where they were that terminal, now go to /dev/null, so the stop's last lines (the final
+  checkpoint's) do not fail with EIO.
 
-The exit code of a stopped run is ``128 + signal`` (130 for Ctrl-C, 143 for SIGTERM).
+The exit code of a stopped run is ``128 + signal`` (130 for Ctrl-C, 143 for SIGTERM, 129 for
+SIGHUP).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ import signal
 
 import torch
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+from r2d2_algo.processes import quiet_if_hung_up
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+SIGNAL_NAMES = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "SIGTERM",
+                signal.SIGHUP: "SIGHUP (the terminal closed or the connection dropped)"}
 
 
 class StopRun(Exception):
@@ -38,22 +47,24 @@ class StopRun(Exception):
 
 
 class StopRequest:
-    """Records Ctrl-C / SIGTERM (handlers installed on construction, the previous ones restored
-    by ``restore``); ``check`` turns a recorded signal into ``StopRun``."""
+    """Records Ctrl-C / SIGTERM / SIGHUP (handlers installed on construction, the previous ones
+    restored by ``restore``); ``check`` turns a recorded signal into ``StopRun``."""
 
     def __init__(self):
         self.signum = 0
         self.previous = {signum: signal.signal(signum, self._record) for signum in STOP_SIGNALS}
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGHUP:
+            quiet_if_hung_up()
         if self.signum == signal.SIGINT and signum == signal.SIGINT:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = self.signum or signum
 
     def check(self) -> None:
-        """Raise StopRun if Ctrl-C or SIGTERM has arrived."""
+        """Raise StopRun if Ctrl-C, SIGTERM or SIGHUP has arrived."""
         if self.signum:
-            raise StopRun("interrupted (Ctrl-C)" if self.signum == signal.SIGINT else "SIGTERM", self.signum)
+            raise StopRun(SIGNAL_NAMES[self.signum], self.signum)
 
     @contextlib.contextmanager
     def interruptible(self, *networks: torch.nn.Module):
