@@ -150,6 +150,9 @@ def main(args: Args) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     cwd = args.cwd or os.path.join(args.out_dir, f"{args.label}_workdir")
     os.makedirs(cwd, exist_ok=True)
+    # the command runs in its own folder: paths in it that exist here are made absolute
+    args.command = [os.path.abspath(a) if not os.path.isabs(a) and os.path.exists(a) and a != "python" else a
+                    for a in args.command]
     names_before = set(os.listdir("/dev/shm"))
     log_path = os.path.join(args.out_dir, f"{args.label}.log")
     print(f"soak {args.label}: {shlex.join(args.command)} for {args.minutes:g} min, a sample every {args.interval:g} s "
@@ -163,7 +166,7 @@ def main(args: Args) -> int:
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            found = re.search(r"replay ([\d,]+)(?:,| obs)", line)
+            found = re.search(r"replay ([\d,]*\d)", line)
             if found and line.startswith("step"):
                 replay["size"] = int(found.group(1).replace(",", ""))
 
