@@ -197,38 +197,67 @@ def main(args: Args) -> int:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    summary = analyze(rows, args.label, args.command, args.out_dir)
+    summary.update(returncode=returncode, ended_before_the_time=ended_early, shm_gib_left_after_exit=left_shm / 2**30,
+                   processes_left_after_exit=len(left_processes))
+    with open(os.path.join(args.out_dir, f"{args.label}.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{summary['verdict']}; exit {returncode}, left after exit: {len(left_processes)} processes, "
+          f"{left_shm / 2**20:.0f} MiB /dev/shm", flush=True)
+    print(f"wrote {csv_path}, {args.label}.png and {args.label}.json", flush=True)
+    clean = returncode in (0, 130) and not left_processes and left_shm == 0
+    return 0 if clean else 1
+
+
+def analyze(rows: list[dict], label: str, command: list[str], out_dir: str) -> dict:
+    """The steady state's figures, the plot, and the verdict line. Memory growth is taken two ways:
+    the least-squares slope through every sample, and through the peak of each 2-minute block (a
+    learner that frees and re-allocates its activations every update swings by a GiB between
+    samples; the peaks are what fills a machine). Both as a fraction of the steady mean, per hour."""
     start = full_from(rows) if rows else 0
     steady = rows[start:]
     t = np.array([r["seconds"] for r in steady])
-    summary = {
-        "label": args.label, "command": args.command, "minutes": (rows[-1]["seconds"] / 60) if rows else 0.0,
-        "samples": len(rows), "steady_from_minute": (rows[start]["seconds"] / 60) if rows else None,
-        "returncode": returncode, "ended_before_the_time": ended_early,
-        "shm_gib_left_after_exit": left_shm / 2**30, "processes_left_after_exit": len(left_processes),
-    }
+    summary = {"label": label, "command": command, "minutes": (rows[-1]["seconds"] / 60) if rows else 0.0,
+               "samples": len(rows), "steady_from_minute": (rows[start]["seconds"] / 60) if rows else None}
     for key in ("rss_gib", "pss_gib", "uss_gib", "shm_gib"):
         y = np.array([r[key] for r in steady])
         summary[f"{key}_steady_mean"] = float(y.mean()) if len(y) else float("nan")
+        summary[f"{key}_steady_max"] = float(y.max()) if len(y) else float("nan")
         summary[f"{key}_growth_per_hour"] = growth_per_hour(t, y)
+        blocks = [(t[(t >= b) & (t < b + 120)], y[(t >= b) & (t < b + 120)]) for b in np.arange(t.min(), t.max(), 120)] \
+            if len(t) else []
+        peaks = [(bt[np.argmax(by)], by.max()) for bt, by in blocks if len(by)]
+        summary[f"{key}_peak_growth_per_hour"] = growth_per_hour(np.array([p[0] for p in peaks]),
+                                                                 np.array([p[1] for p in peaks])) \
+            if len(peaks) >= 3 else float("nan")
     for key in ("fds", "threads", "processes"):
         values = [r[key] for r in steady]
         summary[f"{key}_steady_range"] = [min(values), max(values)] if values else None
-    png_path = os.path.join(args.out_dir, f"{args.label}.png")
     if rows:
-        plot(rows, start, png_path, f"{args.label}: {os.path.basename(args.command[1]) if len(args.command) > 1 else args.command[0]}")
-    with open(os.path.join(args.out_dir, f"{args.label}.json"), "w") as f:
+        name = os.path.basename(command[1]) if len(command) > 1 else command[0]
+        plot(rows, start, os.path.join(out_dir, f"{label}.png"), f"{label}: {name}")
+    s = summary
+    summary["verdict"] = (
+        f"{label}: {s['minutes']:.1f} min, steady from minute {s['steady_from_minute'] or 0:.1f}: "
+        + ", ".join(f"{name} {s[key + '_steady_mean']:.2f} GiB (peak {s[key + '_steady_max']:.2f}) "
+                    f"{100 * s[key + '_growth_per_hour']:+.1f} %/h, peaks {100 * s[key + '_peak_growth_per_hour']:+.1f} %/h"
+                    for name, key in (("USS", "uss_gib"), ("PSS", "pss_gib"), ("RSS", "rss_gib")))
+        + f", /dev/shm {s['shm_gib_steady_mean']:.2f} GiB, fds {s['fds_steady_range']}, threads "
+          f"{s['threads_steady_range']}, processes {s['processes_steady_range']}")
+    return summary
+
+
+def reanalyze(csv_path: str) -> dict:
+    """``analyze`` again on a soak's CSV and JSON (the JSON's command and exit figures are kept)."""
+    with open(csv_path) as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    json_path = csv_path[: -len(".csv")] + ".json"
+    old = json.load(open(json_path)) if os.path.exists(json_path) else {}
+    label = os.path.basename(csv_path)[: -len(".csv")]
+    summary = {**old, **analyze(rows, label, old.get("command", ["?"]), os.path.dirname(csv_path))}
+    with open(json_path, "w") as f:
         json.dump(summary, f, indent=1)
-    verdict = (f"{args.label}: {summary['minutes']:.1f} min, steady from minute {summary['steady_from_minute'] or 0:.1f}: "
-               f"USS {summary['uss_gib_steady_mean']:.2f} GiB {100 * summary['uss_gib_growth_per_hour']:+.2f} %/h, "
-               f"PSS {summary['pss_gib_steady_mean']:.2f} GiB {100 * summary['pss_gib_growth_per_hour']:+.2f} %/h, "
-               f"RSS {summary['rss_gib_steady_mean']:.2f} GiB {100 * summary['rss_gib_growth_per_hour']:+.2f} %/h, "
-               f"/dev/shm {summary['shm_gib_steady_mean']:.2f} GiB, fds {summary['fds_steady_range']}, "
-               f"threads {summary['threads_steady_range']}, processes {summary['processes_steady_range']}; "
-               f"exit {returncode}, left after exit: {len(left_processes)} processes, {left_shm / 2**20:.0f} MiB /dev/shm")
-    print(verdict, flush=True)
-    print(f"wrote {csv_path}, {png_path} and {args.label}.json", flush=True)
-    clean = returncode in (0, 130) and not left_processes and left_shm == 0
-    return 0 if clean else 1
+    return summary
 
 
 def _in_session(p: psutil.Process, session: int) -> bool:
@@ -239,4 +268,7 @@ def _in_session(p: psutil.Process, session: int) -> bool:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--reanalyze":  # python benchmarks/soak.py --reanalyze RUN.csv
+        print(reanalyze(sys.argv[2])["verdict"])
+        sys.exit(0)
     sys.exit(main(tyro.cli(Args)))

@@ -296,9 +296,9 @@ def resume_args(args, saved: dict, argv: list[str], may_change: tuple[str, ...])
     import tyro
 
     fields = [f.name for f in dataclasses.fields(args) if f.name != "resume"]
-    # checkpoints from before presets (their arguments were complete) and before --tf32 (PyTorch's
-    # default then: TF32 off for matrix products; the flag may change on resume anyway)
-    saved = {"preset": "none", "tf32": False, **saved}
+    # checkpoints from before presets (their arguments were complete), --tf32 (PyTorch's default
+    # then: TF32 off for matrix products) and --role-nodes (Ray's placement); both may change on resume
+    saved = {"preset": "none", "tf32": False, "role_nodes": None, **saved}
     missing = sorted(set(fields) - set(saved))
     if missing:
         raise CheckpointError(f"checkpoint lacks arguments {', '.join(missing)} (saved by another script or version)")

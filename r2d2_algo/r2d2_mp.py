@@ -1291,7 +1291,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
         return 0
     except StopRun as e:
         print(f"r2d2_mp.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
-        if e.signum and args.checkpoint_interval > 0:
+        if e.checkpoint and args.checkpoint_interval > 0:
             write_checkpoint(final=True)
         return e.exit_code
     finally:

@@ -20,9 +20,12 @@ plumbing). The roles, each a Ray actor except the learner:
 
 Env workers restart on failure (--max-actor-restarts, Ray's max_restarts); the learner pings a
 dead worker until Ray has restarted it, then starts its loop again; a restarted worker cuts its
-streams (a time-limit mark) before it writes again. A lost shard, store or evaluator stops the
-run with a one-line reason; --checkpoint-interval and --resume (the learner and every shard's
-replay in one file) continue such a run, as in r2d2_mp.py. Without --ray-address the script
+streams (a time-limit mark) before it writes again. Ray rebuilds a shard, the store or the
+evaluator lost with its node (and replays the calls made to it meanwhile); the learner finds the
+new one (Cluster.watch) and gives it its state back: the store the learner's weights, a shard the
+last checkpoint's replay. Every loss counts against --max-actor-restarts; --checkpoint-interval
+and --resume (the learner and every shard's replay in one file) continue a stopped run, as in
+r2d2_mp.py. --role-nodes places roles on chosen nodes. Without --ray-address the script
 starts a local Ray on loopback and shuts it down at the end, however the run ends
 (processes.py's reaper does it if this process is SIGKILLed).
 """
@@ -57,6 +60,7 @@ import numpy as np
 import ray
 import torch
 import tyro
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch.nn.utils import parameters_to_vector
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -68,6 +72,7 @@ from r2d2_algo.checkpoint import (
     atomic_save,
     from_storable,
     learner_state,
+    load_checkpoint,
     load_learner_state,
     resume_run,
     save_model,
@@ -105,6 +110,10 @@ class Args:
     """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
     ray_address: str | None = None
     """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
+    role_nodes: str | None = None
+    """where roles go on the cluster, as ROLE=NODE_IP pairs separated by commas (ROLE: weight-store, evaluator,
+    replay-shard-K, env-worker-K; e.g. replay-shard-0=10.0.0.5); soft: a role whose node is lost is rebuilt
+    elsewhere. Roles not named go where Ray puts them"""
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
@@ -214,8 +223,23 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "amp", "tf32", "ray_address", "samples_in_flight", "actor_push_interval",
-                  "progress_bar")
+                  "max_actor_restarts", "amp", "tf32", "ray_address", "role_nodes", "samples_in_flight",
+                  "actor_push_interval", "progress_bar")
+
+
+def role_nodes(args: Args) -> dict[str, str]:
+    """--role-nodes as {role: node IP}; ValueError (one line) for a malformed pair or an unknown role."""
+    roles = {"weight-store", "evaluator", *(f"replay-shard-{i}" for i in range(args.num_replay_shards)),
+             *(f"env-worker-{i}" for i in range(args.num_actors))}
+    placed = {}
+    for pair in filter(None, (args.role_nodes or "").split(",")):
+        role, _, node = pair.strip().partition("=")
+        if role not in roles or not node:
+            raise ValueError(f"--role-nodes: {pair.strip()!r} is not ROLE=NODE_IP with ROLE one of weight-store, "
+                             f"evaluator, replay-shard-0..{args.num_replay_shards - 1}, "
+                             f"env-worker-0..{args.num_actors - 1}")
+        placed[role] = node
+    return placed
 
 
 def check_args(args: Args) -> None:
@@ -237,6 +261,7 @@ def check_args(args: Args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.gamma <= 1.0:
         raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    role_nodes(args)
     if args.learning_rate <= 0 or args.replay_ratio <= 0:
         raise ValueError("--learning-rate and --replay-ratio must be > 0")
     if args.value_rescaling_epsilon < 0:
@@ -616,26 +641,47 @@ def workers_of_shard(shard: int, args: Args) -> int:
     return len(range(shard, args.num_actors, args.num_replay_shards))
 
 
+def incarnation() -> tuple[str, str]:
+    """(node IP, incarnation) of the calling Ray actor; the incarnation is new each time Ray
+    (re)creates the actor, so the learner tells a role rebuilt after a lost node from the old one."""
+    return ray.util.get_node_ip_address(), f"{os.getpid()}-{time.time_ns()}"
+
+
 class ReplayShard:
     """A Ray actor holding one SequenceReplayBuffer: env workers push blocks of steps, the learner
-    samples batches and sends priorities back. Its memory is allocated, and stated, at start."""
+    samples batches and sends priorities back. Its memory is allocated, and stated, at start.
+    Ray restarts a shard lost with its node, empty; the learner then loads it from the last
+    checkpoint, if any (``load``). ``quota``: its share of --total-timesteps; once it holds that
+    many steps, its env workers stop acting (``add_block`` says so), so that the run ends at its
+    total even while the learner is slow to see it."""
 
-    def __init__(self, replay_kwargs: dict, seed: int):
+    def __init__(self, replay_kwargs: dict, seed: int, quota: int):
         self.replay = SequenceReplayBuffer(**replay_kwargs)
+        self.quota = quota
         self.rng = np.random.default_rng(seed)
         self.steps, self.episodes, self.versions = 0, [], {}
         self.nbytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
+        self.cut = np.zeros(self.replay.num_streams, dtype=bool)  # the next step of the stream starts an episode
+        self.where = incarnation()
 
-    def node(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), self.nbytes
+    @ray.method(concurrency_group="where")
+    def node(self) -> tuple[str, str, int]:
+        return (*self.where, self.nbytes)
 
-    def add_block(self, block: list[tuple], episodes: list[tuple[float, int]], worker_id: int, version: int) -> None:
-        """Append a worker's steps; ``version``: the weights it acts with (for the parameter lag)."""
+    def add_block(self, block: list[tuple], episodes: list[tuple[float, int]], worker_id: int, version: int) -> bool:
+        """Append a worker's steps; ``version``: the weights it acts with (for the parameter lag). The
+        first step of a stream cut by ``load`` is written as an episode start (its old episode ended
+        there, at the checkpoint, with a time-limit mark). Returns whether the shard wants more
+        steps (it holds fewer than its quota)."""
         self.versions[worker_id] = version
-        for step in block:  # (obs, action, reward, first, terminated, truncated, state, streams), in order
-            self.replay.add(*step)
-            self.steps += len(step[-1])
+        for obs, action, reward, first, terminated, truncated, state, streams in block:  # in order
+            if self.cut[streams].any():
+                first = first | self.cut[streams]
+                self.cut[streams] = False
+            self.replay.add(obs, action, reward, first, terminated, truncated, state, streams)
+            self.steps += len(streams)
         self.episodes.extend(episodes)
+        return self.steps < self.quota
 
     def truncate_streams(self, streams: np.ndarray | None = None) -> None:
         self.replay.truncate_streams(streams)
@@ -655,6 +701,7 @@ class ReplayShard:
         if state["replay"] is not None:
             self.replay.load_state_dict(state["replay"])
             self.replay.truncate_streams()
+            self.cut = self.replay.write_count > 0
 
     def sample(self, batch_size: int) -> SequenceBatch | None:
         return self.replay.sample(batch_size, self.rng) if self.replay.num_valid_sequences else None
@@ -668,7 +715,7 @@ class ReplayShard:
         return {"steps": self.steps, "size": self.replay.size, "added": self.replay.num_sequences_added,
                 "max_priority": self.replay.max_priority, "valid": self.replay.num_valid_sequences,
                 "priority_total": float(self.replay.tree.total),
-                "episodes": episodes, "versions": dict(self.versions)}
+                "episodes": episodes, "versions": dict(self.versions), "where": self.where}
 
 
 class WeightStore:
@@ -684,6 +731,11 @@ class WeightStore:
     def __init__(self):
         self.version, self.ref, self.learner_behind = -1, None, False
         self.changed, self.asked = asyncio.Event(), asyncio.Event()
+        self.where = incarnation()  # Ray restarts a store lost with its node, empty: the learner republishes
+
+    @ray.method(concurrency_group="where")
+    async def node(self) -> tuple[str, str]:
+        return self.where
 
     def _changed(self) -> None:
         self.changed.set()  # wakes every waiting call; later ones wait on a new event
@@ -778,7 +830,7 @@ class EnvWorker:
         epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[worker_id * E + np.arange(E)]
         self.net = make_network(args, observation_space, n_actions)
         self.block = StepBlock(frame_stack)
-        self.version = -1
+        self.version, self.quota_reached = -1, False
         while self.version < 0:  # the learner's first weights
             self.refresh(ray.get(self.store.newer.remote(self.version, 1.0)))
         self.env_actor = EnvActor(envs, self.net, self.block, epsilons, np.random.default_rng(seed), seed,
@@ -803,6 +855,9 @@ class EnvWorker:
         pushes, steps_since_refresh, asking = [], 0, None
         behind = self.store.until_behind.remote().future()  # futures: done() costs far less than ray.wait
         while True:
+            if self.quota_reached:  # the run's steps are taken: wait to be stopped
+                time.sleep(0.05)
+                continue
             if behind.done():  # the learner is below --min-replay-ratio
                 while self.refresh(ray.get(self.store.resume.remote(self.version, 1.0))):
                     pass
@@ -812,7 +867,12 @@ class EnvWorker:
             steps_since_refresh += 1
             if len(self.block.steps) >= self.args.actor_push_interval:
                 if len(pushes) >= 2:  # a bound on the pushes in flight
-                    _, pushes = ray.wait(pushes, num_returns=1)
+                    ray.wait(pushes, num_returns=1)
+                if pushes:
+                    answered, pushes = ray.wait(pushes, num_returns=len(pushes), timeout=0)
+                    if not all(ray.get(answered)):  # the shard holds its share of the run's steps
+                        self.quota_reached = True
+                        continue
                 pushes.append(self.shard.add_block.remote(*self.block.take(), self.worker_id, self.version))
             if asking is None and steps_since_refresh >= self.args.actor_update_interval:
                 asking = self.store.newer.remote(self.version, 10.0).future()
@@ -830,6 +890,11 @@ class Evaluator:
     def __init__(self, args: Args, observation_space, n_actions: int):
         torch.set_num_threads(1)
         self.args, self.net = args, make_network(args, observation_space, n_actions)
+        self.where = incarnation()
+
+    @ray.method(concurrency_group="where")
+    def node(self) -> tuple[str, str]:
+        return self.where
 
     def evaluate(self, weights: list, step: int) -> tuple[int, np.ndarray]:
         load_parameter_vector(self.net, ray.get(weights[0]))
@@ -838,31 +903,105 @@ class Evaluator:
         return step, np.asarray(returns, dtype=np.float64)
 
 
+# Ray rebuilds these roles wherever it can when they are lost (with their node) and replays the
+# calls they had not answered; `node` answers beside a long call (an evaluation, a checkpoint's copy).
+# They need no CPU, but ask for 1 MiB of memory: Ray places a request for no resource at all on a
+# random node, whatever its scheduling strategy (--role-nodes would be ignored); with one it packs
+# them on the driver's node unless told otherwise.
+REBUILT = dict(num_cpus=0, memory=2**20, max_restarts=-1, max_task_retries=-1, concurrency_groups={"where": 1})
+SILENT_AFTER_S = 5.0  # a role that has not answered where it is for this long is named as unreachable
+
+
 class Cluster:
     """The Ray actors of a run: starts them (each one's node is printed), re-runs a restarted env
-    worker, and reports a lost one. ``cut`` counts the env worker restarts."""
+    worker, finds the roles Ray rebuilt after a lost node (``watch``), and reports a lost one.
+    ``restarts`` counts the losses (env workers and the roles Ray rebuilt) against
+    --max-actor-restarts."""
 
     def __init__(self, args: Args, run_name: str, observation_space, n_actions: int, state_size: int,
                  frame_stack: int, seed_offset: int):
         self.args = args
         E = args.num_envs_per_actor
+        nodes = {node["NodeManagerAddress"]: node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        placed = role_nodes(args)
+        for role, ip in placed.items():
+            if ip not in nodes:
+                raise SystemExit(f"r2d2_ray.py: error: --role-nodes: no live node {ip} in the cluster for {role} "
+                                 f"(its nodes: {', '.join(sorted(nodes))})")
+
+        def where(role: str) -> dict:  # soft: a role whose node is lost may be rebuilt elsewhere
+            if role not in placed:
+                return {}
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[placed[role]], soft=True)}
+
         store_name, shard_names = f"{run_name}/weights", [f"{run_name}/shard-{i}" for i in range(args.num_replay_shards)]
-        self.store = ray.remote(num_cpus=0)(WeightStore).options(name=store_name).remote()
-        self.shards = [ray.remote(num_cpus=0)(ReplayShard).options(name=shard_names[i]).remote(
+        self.store = ray.remote(**REBUILT)(WeightStore).options(name=store_name, **where("weight-store")).remote()
+        self.shards = [ray.remote(**REBUILT)(ReplayShard).options(name=shard_names[i], **where(f"replay-shard-{i}")).remote(
             replay_arguments(args, observation_space, state_size, frame_stack, workers_of_shard(i, args) * E),
-            args.seed + i) for i in range(args.num_replay_shards)]
+            args.seed + i, -(-args.total_timesteps * workers_of_shard(i, args) // args.num_actors))
+            for i in range(args.num_replay_shards)]
         worker_class = ray.remote(num_cpus=1, max_restarts=args.max_actor_restarts)(EnvWorker)
-        self.workers = [worker_class.remote(i, args, shard_names[shard_of(i, args)[0]], store_name, observation_space,
-                                            n_actions, seed_offset) for i in range(args.num_actors)]
-        self.evaluator = ray.remote(num_cpus=0)(Evaluator).remote(args, observation_space, n_actions) \
-            if args.eval_episodes > 0 else None
+        self.workers = [worker_class.options(**where(f"env-worker-{i}")).remote(
+            i, args, shard_names[shard_of(i, args)[0]], store_name, observation_space, n_actions, seed_offset)
+            for i in range(args.num_actors)]
+        self.evaluator = ray.remote(**REBUILT)(Evaluator).options(**where("evaluator")).remote(
+            args, observation_space, n_actions) if args.eval_episodes > 0 else None
         self.runs, self.pings = {}, {}  # object ref -> worker index: acting loops, pings of restarting workers
         self.restarts, self.supervised = 0, 0.0
+        # the roles Ray rebuilds: where each is (node, incarnation), and the question out to it
+        self.rebuilt = {"the weight store": self.store, **{f"replay shard {i}": s for i, s in enumerate(self.shards)},
+                        **({"the evaluator": self.evaluator} if self.evaluator is not None else {})}
+        self.where: dict[str, tuple[str, str]] = {}
+        self.asking: dict[str, tuple] = {}  # role -> (ref, asked at, named as unreachable)
+        self.watched = 0.0
 
     def describe(self) -> None:
-        for i, shard in enumerate(self.shards):
-            node, nbytes = ray.get(shard.node.remote())
-            print(f"replay shard {i} on node {node}: {nbytes / 2**30:.2f} GiB", flush=True)
+        """Print the node of every role but the env workers (``start_workers`` prints theirs)."""
+        for role, actor in self.rebuilt.items():
+            answer = ray.get(actor.node.remote(), timeout=600)
+            self.where[role] = answer[:2]
+            size = f": {answer[2] / 2**30:.2f} GiB" if role.startswith("replay shard") else ""
+            print(f"{role.removeprefix('the ')} on node {answer[0]}{size}", flush=True)
+
+    def watch(self) -> list[tuple[str, str, str]]:
+        """Every second, ask each role Ray rebuilds where it is. Returns (role, old node, new node)
+        for each one that Ray has rebuilt since (its node was lost); names on stderr, once, a role
+        that has not answered for SILENT_AFTER_S seconds (its node is probably gone: Ray rebuilds
+        the role once it has declared the node dead). Raises StopRun if Ray gave a role up."""
+        rebuilt = []
+        for role, (ref, asked, named) in list(self.asking.items()):
+            if ray.wait([ref], timeout=0)[0]:
+                del self.asking[role]
+                try:
+                    node, instance = ray.get(ref)[:2]
+                except ray.exceptions.RayError as e:
+                    raise StopRun(f"{role} is lost for good: {str(e).strip().splitlines()[0][:200]}",
+                                  checkpoint=True) from None
+                if instance != self.where[role][1]:
+                    rebuilt.append((role, self.where[role][0], node))
+                    self.where[role] = (node, instance)
+                elif named:
+                    print(f"r2d2_ray.py: {role} (node {node}) answers again", file=sys.stderr, flush=True)
+            elif not named and time.time() - asked > SILENT_AFTER_S:
+                print(f"r2d2_ray.py: {role} (node {self.where[role][0]}) has not answered for {SILENT_AFTER_S:.0f} s: "
+                      f"its node may be lost; Ray rebuilds it elsewhere once it declares the node dead",
+                      file=sys.stderr, flush=True)
+                self.asking[role] = (ref, asked, True)
+        if time.time() - self.watched >= 1.0:
+            self.watched = time.time()
+            for role, actor in self.rebuilt.items():
+                if role not in self.asking:
+                    self.asking[role] = (actor.node.remote(), time.time(), False)
+        return rebuilt
+
+    def count_loss(self, what: str, global_step: int, writer: SummaryWriter) -> None:
+        """One more loss (an env worker, or a role on a lost node), against --max-actor-restarts:
+        beyond it, StopRun (the run stops with a final checkpoint when checkpoints are on)."""
+        if self.restarts >= self.args.max_actor_restarts:
+            raise StopRun(f"{what} ({self.restarts} of --max-actor-restarts {self.args.max_actor_restarts} "
+                          f"restarts used)", checkpoint=True)
+        self.restarts += 1
+        writer.add_text("actor_restarts", f"step {global_step}: {what}", global_step)
 
     def start_workers(self) -> None:
         """Start every worker's acting loop (after the first weights are published)."""
@@ -886,12 +1025,14 @@ class Cluster:
             if ref in self.pings:  # a worker Ray is restarting
                 i = self.pings.pop(ref)
                 try:
-                    ray.get(ref)
+                    node, _ = ray.get(ref)
                 except ray.exceptions.ActorUnavailableError:  # still restarting: ping again
                     self.pings[self.workers[i].node.remote()] = i
                 except ray.exceptions.RayError as e:
-                    raise StopRun(f"env worker {i} could not be restarted: {str(e).strip().splitlines()[0][:200]}")
+                    raise StopRun(f"env worker {i} could not be restarted: {str(e).strip().splitlines()[0][:200]}",
+                                  checkpoint=True) from None
                 else:
+                    print(f"r2d2_ray.py: env worker {i} restarted on node {node}", file=sys.stderr, flush=True)
                     self.runs[self.workers[i].run.remote()] = i
                 continue
             i = self.runs.pop(ref)
@@ -904,7 +1045,7 @@ class Cluster:
                 reason = str(e).strip().splitlines()[-1][:200]
             if self.restarts >= self.args.max_actor_restarts:
                 raise StopRun(f"env worker {i} died ({self.restarts} of --max-actor-restarts "
-                              f"{self.args.max_actor_restarts} restarts used): {reason}")
+                              f"{self.args.max_actor_restarts} restarts used): {reason}", checkpoint=True)
             self.restarts += 1
             print(f"r2d2_ray.py: env worker {i} died at step {global_step:,}; restart {self.restarts} of "
                   f"{self.args.max_actor_restarts}: {reason}", file=sys.stderr, flush=True)
@@ -957,12 +1098,24 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         del checkpoint  # the replay copy can be large
     writer = open_writer(run_name, args, progress["global_step"], epsilons)
     start_time = time.time() - progress["elapsed"]
+    # steps each shard counted before Ray rebuilt it (lost with its node) and that it no longer counts
+    step_offsets = [0] * len(cluster.shards)
 
     def write_checkpoint(final: bool = False) -> None:  # final: of a stopped run, where a failure only prints
         """The learner's state and every shard's (each shard answers after the priority updates
         sent before; the env workers go on acting meanwhile)."""
         try:
-            shards = ray.get([shard.state.remote(args.checkpoint_replay) for shard in cluster.shards], timeout=600)
+            refs, since = [shard.state.remote(args.checkpoint_replay) for shard in cluster.shards], time.time()
+            while len(ray.wait(refs, num_returns=len(refs), timeout=10)[0]) < len(refs):  # never a blind wait
+                late = [i for i, ref in enumerate(refs) if not ray.wait([ref], timeout=0)[0]]
+                print(f"r2d2_ray.py: the checkpoint has waited {time.time() - since:.0f} s for replay shard(s) "
+                      + ", ".join(f"{i} (node {cluster.where[f'replay shard {i}'][0]})" for i in late), file=sys.stderr,
+                      flush=True)
+                if time.time() - since > 600:
+                    raise RuntimeError(f"replay shard(s) {late} did not answer within 600 s")
+            shards = ray.get(refs)
+            for shard, offset in zip(shards, step_offsets):
+                shard["steps"] += offset  # what the run counted for it, restored as its count
             progress.update(global_step=sum(shard["steps"] for shard in shards), elapsed=time.time() - start_time)
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # saved, never written
             atomic_save({"format": CHECKPOINT_FORMAT, "run_name": run_name, "args": vars(args),
@@ -983,11 +1136,54 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         cluster.store.publish.remote(updates, weights, learner_behind)
         return weights
 
+    def rebuilt(role: str, old_node: str, new_node: str) -> None:
+        """A role Ray rebuilt after its node was lost: the weight store gets the learner's weights
+        (and the rate limit) again; a shard its replay from the last checkpoint, or starts empty."""
+        cluster.count_loss(f"{role} was lost with node {old_node}", global_step, writer)
+        what = ""
+        if role == "the weight store":
+            publish(updates, learner_behind)
+            what = f"from the learner's weights (update {updates:,})"
+        elif role.startswith("replay shard"):
+            i = int(role.rsplit(" ", 1)[1])
+            counted = shard_stats[i]["steps"] + step_offsets[i]
+            state = None
+            if args.checkpoint_interval > 0 and args.checkpoint_replay and os.path.exists(checkpoint_file):
+                saved = load_checkpoint(checkpoint_file)
+                state = from_storable(saved["replay_shards"][i])
+                ray.get(cluster.shards[i].load.remote(state), timeout=600)
+                what = (f"from the checkpoint of step {saved['progress']['global_step']:,} (its steps since are "
+                        f"lost, its streams cut there)")
+                del saved
+            else:
+                what = "empty (no checkpoint with a replay to load)"
+            step_offsets[i] = counted - (state["steps"] if state is not None else 0)
+            shard_stats[i] = {**shard_stats[i], "steps": counted - step_offsets[i], "size": 0, "valid": 0,
+                              "priority_total": 0.0, "episodes": []}
+        print(f"r2d2_ray.py: step {global_step:,}: {role} was lost with node {old_node}; rebuilt on node {new_node}"
+              f"{' ' + what if what else ''} ({cluster.restarts} of --max-actor-restarts {args.max_actor_restarts} "
+              f"restarts used)", file=sys.stderr, flush=True)
+
+    def result_of(ref, what: str):
+        """``ray.get(ref)``, but never blind: stops, env worker deaths and rebuilt roles are seen while
+        it waits, and a wait of more than 10 s is named on stderr."""
+        since, named = time.time(), False
+        while not ray.wait([ref], timeout=1.0)[0]:
+            stop.check()
+            cluster.supervise(global_step, writer)
+            for role, old_node, new_node in cluster.watch():
+                rebuilt(role, old_node, new_node)
+            if not named and time.time() - since > 10:
+                print(f"r2d2_ray.py: step {global_step:,}: the learner has waited 10 s for {what}", file=sys.stderr,
+                      flush=True)
+                named = True
+        return ray.get(ref)
+
     publish(progress["updates"], False)
     wanted = cluster.store.wanted.remote().future()  # a future: done() costs far less than ray.wait
     cluster.start_workers()
-    stats_ref, shard_stats = None, [ray.get(s.stats.remote()) for s in cluster.shards]
-    stats_asked = 0.0
+    stats_ref, shard_stats = None, ray.get([s.stats.remote() for s in cluster.shards], timeout=600)
+    stats_asked, waiting_since, waited_named = 0.0, None, 0.0
     samples, shard_rng = [], np.random.default_rng(args.seed)
     evaluation = None
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
@@ -999,16 +1195,32 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         while global_step < args.total_timesteps:
             stop.check()
             cluster.supervise(global_step, writer)
+            for role, old_node, new_node in cluster.watch():
+                rebuilt(role, old_node, new_node)
+                stats_ref = None  # asked of the lost shard: ask again
             if stats_ref is None and time.time() - stats_asked > 0.05:  # the shards' counts, 20 times a second
                 stats_ref, stats_asked = [s.stats.remote() for s in cluster.shards], time.time()
             if stats_ref is not None and not ray.wait(stats_ref, num_returns=len(stats_ref), timeout=0)[1]:
-                shard_stats, stats_ref = ray.get(stats_ref), None
+                try:
+                    new_stats = ray.get(stats_ref)
+                except ray.exceptions.RayError:  # a shard lost meanwhile (watch finds it): the last counts stay
+                    new_stats = [{**shard, "episodes": []} for shard in shard_stats]
+                stats_ref = None
+                for i, shard in enumerate(new_stats):
+                    role = f"replay shard {i}"
+                    if shard["where"][1] != cluster.where[role][1]:  # Ray rebuilt it and replayed this call there
+                        old_node = cluster.where[role][0]
+                        cluster.where[role] = shard["where"]
+                        rebuilt(role, old_node, shard["where"][0])  # from the old one's counts in shard_stats
+                    else:
+                        shard_stats[i] = shard
                 for shard in shard_stats:
                     for episodic_return, episodic_length in shard["episodes"]:
                         recent_returns = (recent_returns + [episodic_return])[-20:]
                         writer.add_scalar("charts/episodic_return", episodic_return, global_step)
                         writer.add_scalar("charts/episodic_length", episodic_length, global_step)
-            global_step = progress["global_step"] = sum(shard["steps"] for shard in shard_stats)
+            global_step = progress["global_step"] = sum(shard["steps"] + offset
+                                                        for shard, offset in zip(shard_stats, step_offsets))
             bar.update(min(global_step, args.total_timesteps) - bar.n)  # the workers' last pushes overshoot
             valid = sum(shard["valid"] for shard in shard_stats)
 
@@ -1030,8 +1242,22 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                 while len(samples) < args.samples_in_flight:  # a bound on the sample requests out
                     shard = int(shard_rng.choice(len(totals), p=totals / totals.sum())) if totals.sum() > 0 else 0
                     samples.append((shard, cluster.shards[shard].sample.remote(args.batch_size)))
-                shard, ref = samples.pop(0)
-                batch = ray.get(ref)
+                shard, ref = samples[0]
+                batch = None
+                if ray.wait([ref], timeout=1.0)[0]:  # never blocked for long: stops, losses and faults are seen
+                    samples.pop(0)
+                    waiting_since = None
+                    try:
+                        batch = ray.get(ref)
+                    except ray.exceptions.RayError:  # lost with its shard (watch rebuilds it): drawn again
+                        pass
+                else:
+                    waiting_since = waiting_since or time.time()
+                    if time.time() - waiting_since > 10 and time.time() - waited_named > 30:
+                        waited_named = time.time()
+                        print(f"r2d2_ray.py: step {global_step:,}: the learner has waited "
+                              f"{time.time() - waiting_since:.0f} s for a batch from replay shard {shard} "
+                              f"(node {cluster.where[f'replay shard {shard}'][0]})", file=sys.stderr, flush=True)
                 if batch is not None:
                     batch = to_writable(batch)
                     priorities, stats = update(q_network, target_network, optimizer,
@@ -1081,7 +1307,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                 write_checkpoint()
 
         if evaluation is not None:
-            step, returns = ray.get(evaluation)
+            step, returns = result_of(evaluation, "the last evaluation")
             log_evaluation(writer, returns, step, time.time() - start_time)
             tqdm.write(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
             sys.stdout.flush()
@@ -1090,14 +1316,15 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
                                     time.time() - start_time, device)
         elif cluster.evaluator is not None and progress["evaluated_at"] != updates:
-            step, returns = ray.get(cluster.evaluator.evaluate.remote(publish(updates, False), global_step))
+            step, returns = result_of(cluster.evaluator.evaluate.remote(publish(updates, False), global_step),
+                                      "the final evaluation")
             log_evaluation(writer, returns, step, time.time() - start_time)
             tqdm.write(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
             sys.stdout.flush()
         return 0
     except StopRun as e:
         print(f"r2d2_ray.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
-        if e.signum and args.checkpoint_interval > 0:
+        if e.checkpoint and args.checkpoint_interval > 0:
             write_checkpoint(final=True)
         return e.exit_code
     except ray.exceptions.RayError as e:  # a lost shard, store or evaluator

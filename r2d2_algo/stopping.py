@@ -34,11 +34,14 @@ SIGNAL_NAMES = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "SIGTERM"
 
 
 class StopRun(Exception):
-    """Stops a run cleanly: a stop request (``signum`` set), or a failure named in the message."""
+    """Stops a run cleanly: a stop request (``signum`` set), or a failure named in the message.
+    ``checkpoint``: a failure after which the run should still write its final checkpoint (as
+    a stop request does, when checkpoints are on)."""
 
-    def __init__(self, message: str, signum: int = 0):
+    def __init__(self, message: str, signum: int = 0, checkpoint: bool = False):
         super().__init__(message)
         self.signum = signum
+        self.checkpoint = bool(signum) or checkpoint
 
     @property
     def exit_code(self) -> int:

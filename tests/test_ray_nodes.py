@@ -1,0 +1,167 @@
+"""r2d2_ray.py on a loopback cluster that loses a node: a head on 127.0.0.2 (2 CPUs) and nodes on
+127.0.0.3 to 127.0.0.6 (1 CPU each), node death detected in ~3 s (the head's health checks).
+Each test places the run's roles with --role-nodes, SIGKILLs the raylet of a node of its own
+mid-run (what a crashed machine or a lost network link looks like) and checks the outcome: the
+roles on it are rebuilt elsewhere (an env worker restarted, the weight store from the learner's
+weights, the evaluator, a replay shard from the last checkpoint) and the run finishes with exit
+0, at --total-timesteps plus at most the pushes in flight, with the rate limit held, and nothing
+of it left on the machine."""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD, NODE_3, NODE_4, NODE_5, NODE_6 = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"
+PORT = 6393
+TOTAL, KILL_AT = 9000, 2000
+# the rate limit paces the env workers at the learner's speed (~500 steps/s here): the run outlasts
+# a recovery (~6 s from the kill: 2 s to see the death, 4 s to rebuild) on a faster machine too
+REPLAY_RATIO = 16
+PUSH, ENVS, ACTORS = 10, 2, 2  # --actor-push-interval, --num-envs-per-actor, --num-actors
+RUN = ["--env-id", "CartPole-v1", "--num-actors", str(ACTORS), "--num-envs-per-actor", str(ENVS), "--hidden-size",
+       "32", "--torso-size", "32", "--head-hidden-size", "32", "--burn-in-length", "4", "--sequence-length", "8",
+       "--overlap", "4", "--batch-size", "16", "--buffer-size", "20000", "--learning-starts", "1000",
+       "--replay-ratio", str(REPLAY_RATIO), "--min-replay-ratio", str(REPLAY_RATIO), "--learning-rate", "1e-3",
+       "--gamma", "0.99",
+       "--log-interval", "500", "--actor-push-interval", str(PUSH), "--eval-episodes", "2", "--no-progress-bar",
+       "--total-timesteps", str(TOTAL), "--ray-address", f"{HEAD}:{PORT}"]
+# node death in ~3 s instead of Ray's default ~15 s (README, "Beyond one machine")
+HEALTH = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}'
+
+
+def ray_cli(home: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_TMPDIR=home, HOME=home)
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def join(home: str, ip: str) -> None:
+    out = ray_cli(home, "start", "--address", f"{HEAD}:{PORT}", "--node-ip-address", ip, "--num-cpus", "1")
+    assert out.returncode == 0, out.stderr
+
+
+def raylet_of(ip: str) -> int | None:
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            text = open(cmdline, "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "raylet" in text.split("\0")[0] and f"--node-name={ip}" in text:
+            return int(cmdline.split("/")[2])
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The three-node loopback cluster; its folder (RAY_TMPDIR, HOME) is the run's too."""
+    with tempfile.TemporaryDirectory(prefix="rn_", dir="/tmp") as home:
+        shm_before = set(os.listdir("/dev/shm"))
+        try:
+            out = ray_cli(home, "start", "--head", "--node-ip-address", HEAD, "--port", str(PORT), "--num-cpus", "2",
+                          "--include-dashboard", "false", "--disable-usage-stats", "--system-config", HEALTH)
+            assert out.returncode == 0, out.stderr
+            for node in (NODE_3, NODE_4, NODE_5, NODE_6):
+                join(home, node)
+            yield home
+        finally:
+            ray_cli(home, "stop", "--force")
+        deadline = time.time() + 20
+        while set(os.listdir("/dev/shm")) - shm_before and time.time() < deadline:
+            time.sleep(0.5)
+        assert not set(os.listdir("/dev/shm")) - shm_before, "a /dev/shm entry left behind"
+
+
+def run_and_kill(tmp_path, home: str, placement: str, victim: str, *extra: str):
+    """Run with roles placed by ``placement``; SIGKILL ``victim``'s raylet at KILL_AT steps.
+    Returns (exit code, stdout, stderr)."""
+    env = dict(os.environ, RAY_TMPDIR=home, HOME=home, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_ray.py"), *RUN, "--role-nodes", placement,
+                             *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    lines, killed = [], False
+    try:
+        deadline = time.time() + 300
+        for line in proc.stdout:
+            lines.append(line)
+            step = re.match(r"step ([\d,]+): SPS", line)
+            if not killed and step and int(step.group(1).replace(",", "")) >= KILL_AT:
+                os.kill(raylet_of(victim), signal.SIGKILL)
+                killed = True
+            assert time.time() < deadline, "".join(lines)
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (tmp_path / "out.txt").write_text("".join(lines))
+    (tmp_path / "err.txt").write_text(err)
+    assert killed, "".join(lines) + err
+    return proc.returncode, "".join(lines), err
+
+
+def final_step_and_updates(out: str) -> tuple[int, int]:
+    """The step of the final evaluation (the learner's last count) and the last progress line's updates."""
+    progress = re.findall(r"step ([\d,]+): SPS \d+, updates ([\d,]+)", out)
+    final = re.findall(r"step ([\d,]+): eval return", out)
+    return int(final[-1].replace(",", "")), int(progress[-1][1].replace(",", ""))
+
+
+def assert_finished_within_limits(code: int, out: str, err: str) -> None:
+    """Exit 0, no traceback, a final evaluation; the final step within TOTAL plus the pushes in
+    flight (2 per worker), and the rate limit held: trained observations (updates × 16 × 8) at
+    least half of --min-replay-ratio × the steps after learning started (the learner sets the rate
+    limit between its updates: a slow first update lets the workers run ahead for a moment)."""
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    step, updates = final_step_and_updates(out)
+    assert TOTAL <= step <= TOTAL + 2 * ACTORS * PUSH * ENVS, (step, out)
+    assert updates * 16 * 8 >= 0.5 * REPLAY_RATIO * (step - 1000), (updates, step)
+
+
+def test_losing_a_node_with_an_env_worker_restarts_it_elsewhere(tmp_path, cluster):
+    code, out, err = run_and_kill(tmp_path, cluster, f"env-worker-1={NODE_3},env-worker-0={HEAD},weight-store={HEAD},"
+                                  f"evaluator={HEAD},replay-shard-0={HEAD}", NODE_3)
+    assert f"env worker 1 on node {NODE_3}" in out
+    assert re.search(r"env worker 1 died at step [\d,]+; restart 1 of 3", err), err
+    assert re.search(r"env worker 1 restarted on node 127\.0\.0\.[2456]", err), err
+    assert_finished_within_limits(code, out, err)
+
+
+def test_losing_the_node_of_the_weight_store_and_evaluator_rebuilds_both(tmp_path, cluster):
+    code, out, err = run_and_kill(tmp_path, cluster, f"weight-store={NODE_4},evaluator={NODE_4},replay-shard-0={HEAD},"
+                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_4, "--eval-interval", "2500")
+    assert f"weight store on node {NODE_4}" in out and f"evaluator on node {NODE_4}" in out
+    assert re.search(rf"the weight store was lost with node {re.escape(NODE_4)}; rebuilt on node 127\.0\.0\.\d "
+                     r"from the learner's weights", err), err
+    assert re.search(rf"the evaluator was lost with node {re.escape(NODE_4)}; rebuilt on node", err), err
+    assert_finished_within_limits(code, out, err)
+    evaluations = [int(s.replace(",", "")) for s in re.findall(r"step ([\d,]+): eval return", out)]
+    assert max(evaluations) >= TOTAL and any(KILL_AT < s < TOTAL for s in evaluations), out  # after the loss too
+
+
+def test_losing_the_node_of_a_replay_shard_rebuilds_it_from_the_checkpoint(tmp_path, cluster):
+    code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={NODE_5},weight-store={HEAD},evaluator={HEAD},"
+                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_5, "--checkpoint-interval", "2000")
+    assert f"replay shard 0 on node {NODE_5}" in out
+    rebuilt = re.search(rf"replay shard 0 was lost with node {re.escape(NODE_5)}; rebuilt on node 127\.0\.0\.\d from "
+                        r"the checkpoint of step ([\d,]+)", err)
+    assert rebuilt and int(rebuilt.group(1).replace(",", "")) >= 2000, err
+    assert_finished_within_limits(code, out, err)
+
+
+def test_losing_a_node_that_holds_nothing_changes_nothing(tmp_path, cluster):
+    code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={HEAD},weight-store={HEAD},evaluator={HEAD},"
+                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_6)
+    assert "lost with node" not in err and "died" not in err, err
+    assert_finished_within_limits(code, out, err)
