@@ -662,6 +662,10 @@ class ReplayShard:
         self.steps, self.episodes, self.versions = 0, [], {}
         self.nbytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
         self.cut = np.zeros(self.replay.num_streams, dtype=bool)  # the next step of the stream starts an episode
+        with warnings.catch_warnings():  # Ray warns about its own use of a deprecated API inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
+                self.cut[:] = True  # rebuilt after a lost node: its workers' episodes are cut here
         self.where = incarnation()
 
     @ray.method(concurrency_group="where")
@@ -690,7 +694,7 @@ class ReplayShard:
         """For a checkpoint: the step count, the sampling RNG and (``include_replay``) the replay
         with its priorities (Ray serializes the arrays when it returns them: a copy)."""
         return {"steps": self.steps, "rng": self.rng.bit_generator.state,
-                "replay": self.replay.state_dict() if include_replay else None}
+                "replay": self.replay.state_dict() if include_replay else None, "where": self.where}
 
     def load(self, state: dict) -> None:
         """Inverse of ``state``; the streams are cut (the env workers start new episodes).
@@ -1114,6 +1118,13 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                 if time.time() - since > 600:
                     raise RuntimeError(f"replay shard(s) {late} did not answer within 600 s")
             shards = ray.get(refs)
+            for i, shard in enumerate(shards):  # a shard Ray rebuilt and answered from empty: refill it first
+                role = f"replay shard {i}"
+                if shard["where"][1] != cluster.where[role][1]:
+                    old_node = cluster.where[role][0]
+                    cluster.where[role] = shard["where"]
+                    rebuilt(role, old_node, shard["where"][0])
+                    return write_checkpoint(final)
             for shard, offset in zip(shards, step_offsets):
                 shard["steps"] += offset  # what the run counted for it, restored as its count
             progress.update(global_step=sum(shard["steps"] for shard in shards), elapsed=time.time() - start_time)

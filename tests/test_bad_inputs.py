@@ -71,7 +71,9 @@ SPECIFIC = {
                    (["--replay-ratio", "0.4", "--min-replay-ratio", "2"], "--min-replay-ratio must be in [0, "),
                    (["--buffer-size", "100000000000"], "lower --buffer-size")],
     "r2d2_ray.py": [(["--num-replay-shards", "3", "--num-actors", "2"], "--num-replay-shards (3) must be <= "),
-                    (["--ray-address", "nonsense"], "expected HOST:PORT or auto")],
+                    (["--ray-address", "nonsense"], "expected HOST:PORT or auto"),
+                    (["--role-nodes", "shard=10.0.0.5"], "--role-nodes: 'shard=10.0.0.5' is not ROLE=NODE_IP"),
+                    (["--num-actors", "2", "--role-nodes", "env-worker-2=10.0.0.5"], "env-worker-0..1")],
 }
 CASES = [(script, argv, words) for script in SCRIPTS for argv, words in COMMON + SPECIFIC[script]]
 
