@@ -690,6 +690,10 @@ class ReplayShard:
     def truncate_streams(self, streams: np.ndarray | None = None) -> None:
         self.replay.truncate_streams(streams)
 
+    def set_quota(self, quota: int) -> None:
+        """A rebuilt shard counts its steps again from what it holds: its quota follows."""
+        self.quota = quota
+
     def state(self, include_replay: bool) -> dict:
         """For a checkpoint: the step count, the sampling RNG and (``include_replay``) the replay
         with its priorities (Ray serializes the arrays when it returns them: a copy)."""
@@ -940,10 +944,12 @@ class Cluster:
 
         store_name, shard_names = f"{run_name}/weights", [f"{run_name}/shard-{i}" for i in range(args.num_replay_shards)]
         self.store = ray.remote(**REBUILT)(WeightStore).options(name=store_name, **where("weight-store")).remote()
+        # each shard's share of --total-timesteps, in the run's count (see ReplayShard)
+        self.quotas = [-(-args.total_timesteps * workers_of_shard(i, args) // args.num_actors)
+                       for i in range(args.num_replay_shards)]
         self.shards = [ray.remote(**REBUILT)(ReplayShard).options(name=shard_names[i], **where(f"replay-shard-{i}")).remote(
             replay_arguments(args, observation_space, state_size, frame_stack, workers_of_shard(i, args) * E),
-            args.seed + i, -(-args.total_timesteps * workers_of_shard(i, args) // args.num_actors))
-            for i in range(args.num_replay_shards)]
+            args.seed + i, self.quotas[i]) for i in range(args.num_replay_shards)]
         worker_class = ray.remote(num_cpus=1, max_restarts=args.max_actor_restarts)(EnvWorker)
         self.workers = [worker_class.options(**where(f"env-worker-{i}")).remote(
             i, args, shard_names[shard_of(i, args)[0]], store_name, observation_space, n_actions, seed_offset)
@@ -1107,14 +1113,19 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
 
     def write_checkpoint(final: bool = False) -> None:  # final: of a stopped run, where a failure only prints
         """The learner's state and every shard's (each shard answers after the priority updates
-        sent before; the env workers go on acting meanwhile)."""
+        sent before; the env workers go on acting meanwhile, unless the wait is long: see below)."""
+        nonlocal learner_behind
         try:
             refs, since = [shard.state.remote(args.checkpoint_replay) for shard in cluster.shards], time.time()
-            while len(ray.wait(refs, num_returns=len(refs), timeout=10)[0]) < len(refs):  # never a blind wait
-                late = [i for i, ref in enumerate(refs) if not ray.wait([ref], timeout=0)[0]]
-                print(f"r2d2_ray.py: the checkpoint has waited {time.time() - since:.0f} s for replay shard(s) "
-                      + ", ".join(f"{i} (node {cluster.where[f'replay shard {i}'][0]})" for i in late), file=sys.stderr,
-                      flush=True)
+            while len(ray.wait(refs, num_returns=len(refs), timeout=1)[0]) < len(refs):  # never a blind wait
+                if args.min_replay_ratio > 0 and not learner_behind:  # a learner that waits cannot learn: nor
+                    learner_behind = True  # may the workers run on (the loop lifts it when it is not behind)
+                    cluster.store.set_learner_behind.remote(True)
+                if round(time.time() - since) % 10 == 0:
+                    late = [i for i, ref in enumerate(refs) if not ray.wait([ref], timeout=0)[0]]
+                    print(f"r2d2_ray.py: the checkpoint has waited {time.time() - since:.0f} s for replay shard(s) "
+                          + ", ".join(f"{i} (node {cluster.where[f'replay shard {i}'][0]})" for i in late),
+                          file=sys.stderr, flush=True)
                 if time.time() - since > 600:
                     raise RuntimeError(f"replay shard(s) {late} did not answer within 600 s")
             shards = ray.get(refs)
@@ -1169,6 +1180,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             else:
                 what = "empty (no checkpoint with a replay to load)"
             step_offsets[i] = counted - (state["steps"] if state is not None else 0)
+            ray.get(cluster.shards[i].set_quota.remote(cluster.quotas[i] - step_offsets[i]), timeout=600)
             shard_stats[i] = {**shard_stats[i], "steps": counted - step_offsets[i], "size": 0, "valid": 0,
                               "priority_total": 0.0, "episodes": []}
         print(f"r2d2_ray.py: step {global_step:,}: {role} was lost with node {old_node}; rebuilt on node {new_node}"
@@ -1178,8 +1190,12 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
     def result_of(ref, what: str):
         """``ray.get(ref)``, but never blind: stops, env worker deaths and rebuilt roles are seen while
         it waits, and a wait of more than 10 s is named on stderr."""
+        nonlocal learner_behind
         since, named = time.time(), False
         while not ray.wait([ref], timeout=1.0)[0]:
+            if args.min_replay_ratio > 0 and not learner_behind:  # the workers wait with the learner
+                learner_behind = True
+                cluster.store.set_learner_behind.remote(True)
             stop.check()
             cluster.supervise(global_step, writer)
             for role, old_node, new_node in cluster.watch():

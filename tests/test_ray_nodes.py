@@ -82,20 +82,21 @@ def cluster():
         assert not set(os.listdir("/dev/shm")) - shm_before, "a /dev/shm entry left behind"
 
 
-def run_and_kill(tmp_path, home: str, placement: str, victim: str, *extra: str):
-    """Run with roles placed by ``placement``; SIGKILL ``victim``'s raylet at KILL_AT steps.
-    Returns (exit code, stdout, stderr)."""
+def run_and_kill(tmp_path, home: str, placement: str, victim: str, *extra: str, after: str = "step"):
+    """Run with roles placed by ``placement``; SIGKILL ``victim``'s raylet at the first progress line
+    at KILL_AT steps or more once a line has held ``after``. Returns (exit code, stdout, stderr)."""
     env = dict(os.environ, RAY_TMPDIR=home, HOME=home, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning")
     proc = subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_ray.py"), *RUN, "--role-nodes", placement,
                              *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
-    lines, killed = [], False
+    lines, killed, ready = [], False, False
     try:
         deadline = time.time() + 300
         for line in proc.stdout:
             lines.append(line)
+            ready = ready or after in line
             step = re.match(r"step ([\d,]+): SPS", line)
-            if not killed and step and int(step.group(1).replace(",", "")) >= KILL_AT:
+            if not killed and ready and step and int(step.group(1).replace(",", "")) >= KILL_AT:
                 os.kill(raylet_of(victim), signal.SIGKILL)
                 killed = True
             assert time.time() < deadline, "".join(lines)
@@ -152,7 +153,8 @@ def test_losing_the_node_of_the_weight_store_and_evaluator_rebuilds_both(tmp_pat
 
 def test_losing_the_node_of_a_replay_shard_rebuilds_it_from_the_checkpoint(tmp_path, cluster):
     code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={NODE_5},weight-store={HEAD},evaluator={HEAD},"
-                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_5, "--checkpoint-interval", "2000")
+                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_5, "--checkpoint-interval", "2000",
+                                  after="checkpoint written")
     assert f"replay shard 0 on node {NODE_5}" in out
     rebuilt = re.search(rf"replay shard 0 was lost with node {re.escape(NODE_5)}; rebuilt on node 127\.0\.0\.\d from "
                         r"the checkpoint of step ([\d,]+)", err)
