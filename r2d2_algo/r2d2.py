@@ -575,7 +575,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     writer = open_writer(run_name, args, progress["global_step"], epsilons)
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device} "
           f"({precision_summary(device, args.amp, args.tf32)}), replay "
-          f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}")
+          f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}",
+          flush=True)
 
     start_time = time.time() - progress["elapsed"]
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],

@@ -12,7 +12,7 @@ from tests.conftest import ROOT, script_env
 def test_soak_samples_the_process_tree_and_writes_csv_plot_and_verdict(tmp_path):
     command = [sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), "--env-id", "CartPole-v1", "--num-actors", "2",
                "--total-timesteps", "10000000", "--no-progress-bar", "--log-interval", "500"]
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "0.25", "--interval", "1",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--minutes", "0.2", "--interval", "1",
                            "--label", "tiny", "--out-dir", str(tmp_path), "--", *command], capture_output=True, text=True,
                           timeout=180, env=script_env("cpu"))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -129,7 +129,8 @@ def test_the_controlling_terminal_closing_stops_the_run_cleanly(tmp_path, script
 def test_r2d2_hangup_writes_the_final_checkpoint(tmp_path):
     proc = start(tmp_path, "r2d2.py", "--env-id", "CartPole-v1", "--total-timesteps", "10000000",
                  "--checkpoint-interval", "100000000", "--learning-starts", "500", "--log-interval", "200")
-    time.sleep(8.0)
+    read_until(proc, "run ")  # its stop handlers are in place
+    time.sleep(1.0)
     os.kill(proc.pid, signal.SIGHUP)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 129, err
@@ -150,7 +151,7 @@ def test_evaluate_stops_on_sigterm_and_sighup_in_one_line_without_results(tmp_pa
     save_model(str(tmp_path / "model.pt"), RNNQNetwork(space, 2, "lstm", 8, 8, 8), args, space, 2)
     proc = start(tmp_path, "evaluate.py", "--model", str(tmp_path / "model.pt"), "--episodes", "100000",
                  "--no-cuda", "--output", str(tmp_path / "eval.json"))
-    time.sleep(6.0)
+    time.sleep(6.0)  # past its imports, where its handlers are installed
     os.kill(proc.pid, stop_signal)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + stop_signal
