@@ -284,12 +284,12 @@ def last_figures(stdout: str) -> dict:
     return out
 
 
-def ray_run(device: torch.device) -> dict:
+def ray_run(device: torch.device, steps: int) -> dict:
     try:
         import ray  # noqa: F401
     except ImportError:
         raise Skip("Ray is not installed here (pip install ray); r2d2_ray.py not run") from None
-    return short_run("r2d2_ray.py", device, "--num-replay-shards", "1", steps=2000)
+    return short_run("r2d2_ray.py", device, "--num-replay-shards", "1", steps=steps)
 
 
 def across_devices(device: torch.device) -> dict:
@@ -418,14 +418,15 @@ def main(args: Args) -> int:
         scaling(device, args, report)
     else:
         report.check("precision of each part (learner update)", precision, device, args.small)
-        report.check("r2d2.py", short_run, "r2d2.py", device, "--replay-ratio", "4", steps=2000)
+        steps = 1200 if args.small else 2500  # of the short runs
+        report.check("r2d2.py", short_run, "r2d2.py", device, "--replay-ratio", "4", steps=steps)
         for inference in ("local", "central"):
             for amp in (False, True):
                 if args.small and (inference, amp) in (("local", False), ("central", True)):
                     continue  # --small: two of the four (each mode and each precision once)
                 report.check(f"r2d2_mp.py --inference {inference}{' --amp' if amp else ''}", short_run, "r2d2_mp.py",
-                             device, "--inference", inference, *(["--amp"] if amp else []), steps=2500)
-        report.check("r2d2_ray.py", ray_run, device)
+                             device, "--inference", inference, *(["--amp"] if amp else []), steps=steps)
+        report.check("r2d2_ray.py", ray_run, device, steps)
         report.check("checkpoint → resume → evaluate across devices", across_devices, device)
         report.check("learner at the paper batch", learner, device, args.small, args.learner_updates)
         report.check("actors through central inference", actors, device, args.actors, args.envs_per_actor,

@@ -7,6 +7,9 @@ embedded Ray whose driver died without stopping it. Stdlib only.
 - ``quiet_if_hung_up``: after a hangup (a closed terminal, a dropped ssh connection), stdout and
   stderr that were that terminal go to /dev/null, so that the last lines of a clean stop do not
   fail with EIO.
+- ``skip_final_collection``: a process that is about to exit leaves Python's last garbage
+  collection out (it walks every object torch and tensorboard created: 1.5 s of CPU per process
+  on a 2-core VM, paid by the learner and by every child at each stop).
 - Run as a script, the reaper. When its driver dies (SIGKILL, the OOM killer), Ray takes the
   raylet, the GCS and every worker down at once, but its dashboard and runtime-env agents first
   wait 60 s on the dead GCS (to report the raylet's death), and nothing removes the session
@@ -24,6 +27,7 @@ embedded Ray whose driver died without stopping it. Stdlib only.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -47,6 +51,15 @@ def quiet_if_hung_up() -> None:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, fd)
             os.close(null)
+
+
+def skip_final_collection() -> None:
+    """Call right before a process exits: Python's finalization would otherwise run a full garbage
+    collection over every object still alive (~300,000 after torch, gymnasium and tensorboard
+    load; measured 1.5 s on this project's 2-core VM, half of a short run's stop). Objects are
+    still freed as their modules are cleared; only cycles are left to the OS, so anything that
+    must be flushed (writers, files, queues) is closed explicitly before this, as the scripts do."""
+    gc.freeze()
 
 
 def proc_stat(pid: int) -> list[str] | None:

@@ -51,6 +51,7 @@ from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_ve
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, parameter_count
 from r2d2_algo.presets import apply_preset
+from r2d2_algo.processes import skip_final_collection
 from r2d2_algo.shared import available_memory_bytes
 from r2d2_algo.stopping import StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
@@ -661,7 +662,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(tyro.cli(Args), sys.argv[1:]))
+        exit_code = main(tyro.cli(Args), sys.argv[1:])
     except KeyboardInterrupt:
         print("r2d2.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_code = 130
+    skip_final_collection()  # everything is closed: leave the last garbage collection out
+    sys.exit(exit_code)

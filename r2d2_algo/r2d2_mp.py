@@ -79,6 +79,7 @@ from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, fr
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
+from r2d2_algo.processes import skip_final_collection
 from r2d2_algo.shared import SharedArrays, available_memory_bytes, start_resource_tracker
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
@@ -824,6 +825,7 @@ def inference_server(args: Args, layout: dict, weights_lock, requests, responses
         raise SystemExit(1)
     finally:
         arrays.close()
+        skip_final_collection()  # this process exits next
 
 
 # ACTOR PROCESS
@@ -906,6 +908,7 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
         if envs is not None:
             envs.close()
         arrays.close()
+        skip_final_collection()  # this process exits next
 
 
 # EVALUATOR PROCESS
@@ -940,6 +943,7 @@ def evaluator(args: Args, layout: dict, weights_lock, requests, results, error_q
         raise SystemExit(1)
     finally:
         arrays.close()
+        skip_final_collection()  # this process exits next
 
 
 class Processes:
@@ -1067,12 +1071,16 @@ class Processes:
                     break
 
     def stop(self) -> None:
-        """Stop every child: the actors at their next step, the evaluator between evaluations;
-        what has not exited after 2 s (a child still starting, an evaluation) is killed:
-        the shared memory is the learner's to unlink, so nothing is left behind."""
+        """Stop every child: the actors at their next step, the evaluator at once (an evaluation
+        still running is of no use now); what has not exited after 2 s (a child still starting) is
+        killed: the shared memory is the learner's to unlink, so nothing is left behind."""
         self.stop_event.set()
         children = self.actors + [p for p in (self.evaluator, self.inference) if p is not None]
         self.eval_requests.put(None)
+        if self.evaluator is not None:
+            self.evaluator.join(timeout=0.2)
+            if self.evaluator.is_alive():  # in an evaluation nobody will read (it only reads the shared memory)
+                self.evaluator.kill()
         deadline = time.time() + 2
         for p in children:
             p.join(timeout=max(0.0, deadline - time.time()))
@@ -1478,7 +1486,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        sys.exit(main(tyro.cli(Args), sys.argv[1:]))
+        exit_code = main(tyro.cli(Args), sys.argv[1:])
     except KeyboardInterrupt:  # before any process or shared memory exists
         print("r2d2_mp.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_code = 130
+    skip_final_collection()  # everything is closed: leave the last garbage collection out
+    sys.exit(exit_code)

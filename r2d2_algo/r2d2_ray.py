@@ -66,6 +66,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from r2d2_algo import processes
+from r2d2_algo.processes import skip_final_collection
 from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -653,11 +654,15 @@ class ReplayShard:
     Ray restarts a shard lost with its node, empty; the learner then loads it from the last
     checkpoint, if any (``load``). ``quota``: its share of --total-timesteps; once it holds that
     many steps, its env workers stop acting (``add_block`` says so), so that the run ends at its
-    total even while the learner is slow to see it."""
+    total even while the learner is slow to see it. It is also the rate limiter of
+    --min-replay-ratio, as a Reverb table's: the learner raises its allowance (``allow``) after each
+    update, and ``add_block`` tells a worker past it to wait (on the weight store), so a learner
+    that makes no update stops the workers within a push, whatever it is doing."""
 
     def __init__(self, replay_kwargs: dict, seed: int, quota: int):
         self.replay = SequenceReplayBuffer(**replay_kwargs)
         self.quota = quota
+        self.allowed = 0.0  # the steps it may hold (--min-replay-ratio): none until the learner says
         self.rng = np.random.default_rng(seed)
         self.steps, self.episodes, self.versions = 0, [], {}
         self.nbytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
@@ -676,7 +681,8 @@ class ReplayShard:
         """Append a worker's steps; ``version``: the weights it acts with (for the parameter lag). The
         first step of a stream cut by ``load`` is written as an episode start (its old episode ended
         there, at the checkpoint, with a time-limit mark). Returns whether the shard wants more
-        steps (it holds fewer than its quota)."""
+        steps (it holds fewer than its quota), whether the learner allows more (``allow``), and the
+        steps it holds (its count: see ``load``)."""
         self.versions[worker_id] = version
         for obs, action, reward, first, terminated, truncated, state, streams in block:  # in order
             if self.cut[streams].any():
@@ -685,10 +691,14 @@ class ReplayShard:
             self.replay.add(obs, action, reward, first, terminated, truncated, state, streams)
             self.steps += len(streams)
         self.episodes.extend(episodes)
-        return self.steps < self.quota
+        return self.steps < self.quota, self.steps < self.allowed, self.steps
 
     def truncate_streams(self, streams: np.ndarray | None = None) -> None:
         self.replay.truncate_streams(streams)
+
+    def allow(self, steps: float) -> None:
+        """The steps it may hold before its env workers wait for the learner (float("inf"): no limit)."""
+        self.allowed = steps
 
     def set_quota(self, quota: int) -> None:
         """A rebuilt shard counts its steps again from what it holds: its quota follows."""
@@ -728,18 +738,25 @@ class ReplayShard:
 
 class WeightStore:
     """A Ray actor (asyncio) holding the newest published weights (version, [object reference]) and
-    the rate limit flag (the learner is below --min-replay-ratio: env workers wait).
+    the steps each replay shard may hold before its env workers wait for the learner
+    (--min-replay-ratio; the shards hold the same allowances and tell a worker past its own to
+    wait: it waits here, ``allowance``). The learner raises them after each update; a learner that
+    makes no update (a stall, a long wait on a checkpoint or an evaluation) raises none, so the
+    workers stop within a push, whatever the learner is doing.
 
     As in r2d2_mp.py, the learner publishes when an env worker asks: ``newer`` with nothing newer
     marks the weights wanted and waits for the next publication; the learner holds one ``wanted``
     call, answered when a worker asks, and publishes after its next update. The learner also
     publishes when it catches up with the replay ratio, so that waiting workers resume on the newest
-    weights. Each worker holds one ``until_behind`` call, answered when the learner falls behind."""
+    weights."""
 
-    def __init__(self):
-        self.version, self.ref, self.learner_behind = -1, None, False
+    def __init__(self, num_shards: int):
+        self.version, self.ref = -1, None
+        # steps each shard may hold; none until the learner publishes (Ray rebuilds a store lost with its
+        # node empty: its workers wait until the learner has republished)
+        self.allowed = [0.0] * num_shards
         self.changed, self.asked = asyncio.Event(), asyncio.Event()
-        self.where = incarnation()  # Ray restarts a store lost with its node, empty: the learner republishes
+        self.where = incarnation()
 
     @ray.method(concurrency_group="where")
     async def node(self) -> tuple[str, str]:
@@ -757,34 +774,31 @@ class WeightStore:
             except asyncio.TimeoutError:
                 return
 
-    def _reply(self, version: int) -> tuple[int, list | None, bool]:
-        return self.version, (self.ref if self.version > version else None), self.learner_behind
-
-    async def publish(self, version: int, ref: list, learner_behind: bool) -> None:
-        self.version, self.ref, self.learner_behind = version, ref, learner_behind
+    async def publish(self, version: int, ref: list, allowed: list[float]) -> None:
+        self.version, self.ref, self.allowed = version, ref, allowed
         self._changed()
 
-    async def set_learner_behind(self, learner_behind: bool) -> None:
-        self.learner_behind = learner_behind
+    async def allow(self, allowed: list[float]) -> None:
+        """The steps each shard may hold now (float("inf"): no limit)."""
+        self.allowed = allowed
         self._changed()
 
-    async def newer(self, version: int, wait_s: float) -> tuple[int, list | None, bool]:
-        """(version, [ref] if newer than ``version`` else None, learner_behind), once weights newer
-        than ``version`` are published (they are asked for), the learner is behind, or ``wait_s`` s pass."""
-        if self.version <= version and not self.learner_behind:
+    async def newer(self, version: int, wait_s: float) -> tuple[int, list | None]:
+        """(version, [ref] if newer than ``version`` else None), once weights newer than ``version``
+        are published (they are asked for) or ``wait_s`` seconds pass."""
+        if self.version <= version:
             self.asked.set()
-        await self._wait_until(lambda: self.version > version or self.learner_behind, wait_s)
-        return self._reply(version)
+        await self._wait_until(lambda: self.version > version, wait_s)
+        return self.version, (self.ref if self.version > version else None)
 
-    async def resume(self, version: int, wait_s: float) -> tuple[int, list | None, bool]:
-        """As ``newer``, once the learner is no longer behind (or ``wait_s`` seconds pass)."""
-        await self._wait_until(lambda: not self.learner_behind, wait_s)
-        return self._reply(version)
-
-    async def until_behind(self) -> bool:
-        """Returns once the learner is behind (below --min-replay-ratio)."""
-        await self._wait_until(lambda: self.learner_behind, float("inf"))
-        return True
+    async def allowance(self, shard: int, steps: int, version: int, wait_s: float) -> tuple[int, list | None, float]:
+        """(version, [ref] if newer than ``version`` else None, the steps shard ``shard`` may hold),
+        once it may hold more than ``steps`` or ``wait_s`` seconds pass. Newer weights are asked
+        for, so that a worker resumes on the weights the learner has caught up with."""
+        if self.version <= version:
+            self.asked.set()
+        await self._wait_until(lambda: self.allowed[shard] > steps, wait_s)
+        return self.version, (self.ref if self.version > version else None), self.allowed[shard]
 
     async def wanted(self) -> bool:
         """Returns once an env worker has asked for weights newer than the published ones."""
@@ -840,36 +854,31 @@ class EnvWorker:
         self.block = StepBlock(frame_stack)
         self.version, self.quota_reached = -1, False
         while self.version < 0:  # the learner's first weights
-            self.refresh(ray.get(self.store.newer.remote(self.version, 1.0)))
+            self.refresh(*ray.get(self.store.newer.remote(self.version, 1.0)))
         self.env_actor = EnvActor(envs, self.net, self.block, epsilons, np.random.default_rng(seed), seed,
                                   streams=self.streams)
 
     def node(self) -> tuple[str, bool]:
         return ray.util.get_node_ip_address(), self.restarted
 
-    def refresh(self, reply: tuple[int, list | None, bool]) -> bool:
-        """Load the weights of a ``WeightStore.newer`` reply, if newer; returns whether the learner is behind."""
-        version, ref, learner_behind = reply
+    def refresh(self, version: int, ref: list | None) -> None:
+        """Load the weights of a ``WeightStore`` reply, if newer."""
         if ref is not None:
             load_parameter_vector(self.net, ray.get(ref[0]))
             self.version = version
-        return learner_behind
 
     def run(self) -> None:
         """Act until the run ends (Ray kills the actor then). Every --actor-update-interval actor
         steps the worker asks the store for newer weights (the learner publishes after its next
-        update) and loads them as soon as the answer comes, acting on in the meantime. While the
-        learner is below --min-replay-ratio it waits, then acts on the newest weights."""
+        update) and loads them as soon as the answer comes, acting on in the meantime. Once its
+        shard holds the steps the learner allows (--min-replay-ratio) it waits for the learner,
+        then acts on the newest weights."""
         pushes, steps_since_refresh, asking = [], 0, None
-        behind = self.store.until_behind.remote().future()  # futures: done() costs far less than ray.wait
+        shard = shard_of(self.worker_id, self.args)[0]
         while True:
             if self.quota_reached:  # the run's steps are taken: wait to be stopped
                 time.sleep(0.05)
                 continue
-            if behind.done():  # the learner is below --min-replay-ratio
-                while self.refresh(ray.get(self.store.resume.remote(self.version, 1.0))):
-                    pass
-                behind, asking, steps_since_refresh = self.store.until_behind.remote().future(), None, 0
             for _, episodic_return, episodic_length in self.env_actor.step():
                 self.block.episodes.append((episodic_return, episodic_length))
             steps_since_refresh += 1
@@ -878,18 +887,25 @@ class EnvWorker:
                     ray.wait(pushes, num_returns=1)
                 if pushes:
                     answered, pushes = ray.wait(pushes, num_returns=len(pushes), timeout=0)
-                    if not all(ray.get(answered)):  # the shard holds its share of the run's steps
+                    replies = ray.get(answered)
+                    if not all(wants_more for wants_more, _, _ in replies):  # the shard holds its share of the run's steps
                         self.quota_reached = True
                         continue
+                    if not all(allowed for _, allowed, _ in replies):  # the learner is below --min-replay-ratio
+                        held, allowed = max(steps for _, _, steps in replies), 0.0
+                        while allowed <= held:  # wait until it allows more, then act on its newest weights
+                            version, ref, allowed = ray.get(self.store.allowance.remote(shard, held, self.version, 1.0))
+                            self.refresh(version, ref)
+                        asking, steps_since_refresh = None, 0
                 pushes.append(self.shard.add_block.remote(*self.block.take(), self.worker_id, self.version))
             if asking is None and steps_since_refresh >= self.args.actor_update_interval:
                 asking = self.store.newer.remote(self.version, 10.0).future()
             if asking is not None and asking.done():
                 version_before = self.version
-                self.refresh(asking.result())
+                self.refresh(*asking.result())
                 asking = None
                 if self.version > version_before:
-                    steps_since_refresh = 0  # else (behind, or nothing within 10 s) it asks again
+                    steps_since_refresh = 0  # else (nothing within 10 s) it asks again
 
 
 class Evaluator:
@@ -943,7 +959,8 @@ class Cluster:
             return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[placed[role]], soft=True)}
 
         store_name, shard_names = f"{run_name}/weights", [f"{run_name}/shard-{i}" for i in range(args.num_replay_shards)]
-        self.store = ray.remote(**REBUILT)(WeightStore).options(name=store_name, **where("weight-store")).remote()
+        self.store = ray.remote(**REBUILT)(WeightStore).options(name=store_name, **where("weight-store")).remote(
+            args.num_replay_shards)
         # each shard's share of --total-timesteps, in the run's count (see ReplayShard)
         self.quotas = [-(-args.total_timesteps * workers_of_shard(i, args) // args.num_actors)
                        for i in range(args.num_replay_shards)]
@@ -1113,14 +1130,10 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
 
     def write_checkpoint(final: bool = False) -> None:  # final: of a stopped run, where a failure only prints
         """The learner's state and every shard's (each shard answers after the priority updates
-        sent before; the env workers go on acting meanwhile, unless the wait is long: see below)."""
-        nonlocal learner_behind
+        sent before; the env workers go on acting meanwhile, up to the steps the learner allows)."""
         try:
             refs, since = [shard.state.remote(args.checkpoint_replay) for shard in cluster.shards], time.time()
             while len(ray.wait(refs, num_returns=len(refs), timeout=1)[0]) < len(refs):  # never a blind wait
-                if args.min_replay_ratio > 0 and not learner_behind:  # a learner that waits cannot learn: nor
-                    learner_behind = True  # may the workers run on (the loop lifts it when it is not behind)
-                    cluster.store.set_learner_behind.remote(True)
                 if round(time.time() - since) % 10 == 0:
                     late = [i for i, ref in enumerate(refs) if not ray.wait([ref], timeout=0)[0]]
                     print(f"r2d2_ray.py: the checkpoint has waited {time.time() - since:.0f} s for replay shard(s) "
@@ -1153,18 +1166,39 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         if final:
             print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 
-    def publish(updates: int, learner_behind: bool) -> list:
+    def publish(updates: int) -> list:
         weights = [ray.put(parameters_to_vector(q_network.parameters()).detach().cpu().numpy())]
-        cluster.store.publish.remote(updates, weights, learner_behind)
+        cluster.store.publish.remote(updates, weights, allowed)
+        for shard, steps in zip(cluster.shards, allowed):
+            shard.allow.remote(steps)
         return weights
+
+    def send_allowance() -> None:  # to the shards, which tell their workers to wait, and to the store, where they wait
+        cluster.store.allow.remote(allowed)
+        for shard, steps in zip(cluster.shards, allowed):
+            shard.allow.remote(steps)
+
+    shares = [workers_of_shard(i, args) / args.num_actors for i in range(args.num_replay_shards)]
+
+    def allowance(valid: int) -> list[float]:
+        """The steps each shard may hold before its env workers wait (--min-replay-ratio: the run may
+        reach the step at which the observations trained so far are that ratio of those added),
+        each shard its workers' share, in its own count (``step_offsets``). No limit without
+        --min-replay-ratio or before the replay holds a whole sequence (nothing can be trained)."""
+        if args.min_replay_ratio == 0 or valid == 0:
+            return [float("inf")] * len(shares)
+        trained = (updates - progress["updates_base"]) * args.batch_size * args.sequence_length
+        total = progress["learn_from"] + trained / args.min_replay_ratio
+        return [share * total - offset for share, offset in zip(shares, step_offsets)]
 
     def rebuilt(role: str, old_node: str, new_node: str) -> None:
         """A role Ray rebuilt after its node was lost: the weight store gets the learner's weights
         (and the rate limit) again; a shard its replay from the last checkpoint, or starts empty."""
+        nonlocal allowed
         cluster.count_loss(f"{role} was lost with node {old_node}", global_step, writer)
         what = ""
         if role == "the weight store":
-            publish(updates, learner_behind)
+            publish(updates)
             what = f"from the learner's weights (update {updates:,})"
         elif role.startswith("replay shard"):
             i = int(role.rsplit(" ", 1)[1])
@@ -1183,19 +1217,18 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             ray.get(cluster.shards[i].set_quota.remote(cluster.quotas[i] - step_offsets[i]), timeout=600)
             shard_stats[i] = {**shard_stats[i], "steps": counted - step_offsets[i], "size": 0, "valid": 0,
                               "priority_total": 0.0, "episodes": []}
+            allowed = allowance(sum(shard["valid"] for shard in shard_stats))  # in its new count; it allows nothing
+            send_allowance()  # until told
         print(f"r2d2_ray.py: step {global_step:,}: {role} was lost with node {old_node}; rebuilt on node {new_node}"
               f"{' ' + what if what else ''} ({cluster.restarts} of --max-actor-restarts {args.max_actor_restarts} "
               f"restarts used)", file=sys.stderr, flush=True)
 
     def result_of(ref, what: str):
         """``ray.get(ref)``, but never blind: stops, env worker deaths and rebuilt roles are seen while
-        it waits, and a wait of more than 10 s is named on stderr."""
-        nonlocal learner_behind
+        it waits, and a wait of more than 10 s is named on stderr. The env workers wait meanwhile
+        once their shards hold the steps the learner allows."""
         since, named = time.time(), False
         while not ray.wait([ref], timeout=1.0)[0]:
-            if args.min_replay_ratio > 0 and not learner_behind:  # the workers wait with the learner
-                learner_behind = True
-                cluster.store.set_learner_behind.remote(True)
             stop.check()
             cluster.supervise(global_step, writer)
             for role, old_node, new_node in cluster.watch():
@@ -1206,7 +1239,9 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                 named = True
         return ray.get(ref)
 
-    publish(progress["updates"], False)
+    updates = progress["updates"]
+    allowed = allowance(0)
+    publish(updates)
     wanted = cluster.store.wanted.remote().future()  # a future: done() costs far less than ray.wait
     cluster.start_workers()
     stats_ref, shard_stats = None, ray.get([s.stats.remote() for s in cluster.shards], timeout=600)
@@ -1215,7 +1250,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
     evaluation = None
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],
             "added": sum(shard["added"] for shard in shard_stats)}
-    global_step, updates, stats, learner_behind = progress["global_step"], progress["updates"], {}, False
+    global_step, stats, learner_behind = progress["global_step"], {}, False
     bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
                disable=not args.progress_bar or not sys.stderr.isatty())
     try:
@@ -1255,12 +1290,12 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             learn_from = progress["learn_from"]
             trained = (updates - progress["updates_base"]) * args.batch_size * args.sequence_length
             behind = global_step >= learn_from and valid > 0 and trained < args.min_replay_ratio * (global_step - learn_from)
-            if behind != learner_behind:
-                learner_behind = behind
-                if behind:
-                    cluster.store.set_learner_behind.remote(True)
-                else:  # the waiting workers resume on the newest weights
-                    publish(updates, False)
+            previous, allowed = allowed, allowance(valid)
+            if learner_behind and not behind:  # caught up: the waiting workers resume on the newest weights
+                publish(updates)
+            elif allowed != previous:
+                send_allowance()
+            learner_behind = behind
             if global_step >= learn_from and valid > 0 and trained <= args.replay_ratio * (global_step - learn_from):
                 # a shard with probability ∝ its sum of priorities^α, then a batch prioritized within it:
                 # each sequence is drawn with p_i^α / Σ_all p^α, as from one replay, and the importance
@@ -1292,7 +1327,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                     cluster.shards[shard].update_priorities.remote(batch.indices, batch.sequence_ids, priorities)
                     updates = progress["updates"] = updates + 1
                     if wanted.done():  # an env worker asked for newer weights
-                        publish(updates, learner_behind)
+                        publish(updates)
                         wanted = cluster.store.wanted.remote().future()
             else:
                 time.sleep(0.005)
@@ -1307,7 +1342,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                     and global_step >= progress["next_eval"]:
                 while progress["next_eval"] <= global_step:
                     progress["next_eval"] += args.eval_interval
-                evaluation = cluster.evaluator.evaluate.remote(publish(updates, learner_behind), global_step)
+                evaluation = cluster.evaluator.evaluate.remote(publish(updates), global_step)
                 progress["evaluated_at"] = updates
 
             if global_step >= progress["next_log"]:
@@ -1343,7 +1378,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             save_and_evaluate_model(run_name, q_network, args, observation_space, n_actions, writer, global_step,
                                     time.time() - start_time, device)
         elif cluster.evaluator is not None and progress["evaluated_at"] != updates:
-            step, returns = result_of(cluster.evaluator.evaluate.remote(publish(updates, False), global_step),
+            step, returns = result_of(cluster.evaluator.evaluate.remote(publish(updates), global_step),
                                       "the final evaluation")
             log_evaluation(writer, returns, step, time.time() - start_time)
             tqdm.write(f"step {step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
@@ -1480,7 +1515,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        sys.exit(main(tyro.cli(Args), sys.argv[1:]))
+        exit_code = main(tyro.cli(Args), sys.argv[1:])
     except KeyboardInterrupt:
         print("r2d2_ray.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_code = 130
+    skip_final_collection()  # everything is closed: leave the last garbage collection out
+    sys.exit(exit_code)

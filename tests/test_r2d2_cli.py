@@ -4,12 +4,10 @@ import ast
 import dataclasses
 import glob
 import inspect
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -96,9 +94,10 @@ def test_atari_image_observations_run(run_script, tmp_path):
 
 def test_learns_cartpole_with_a_fixed_seed(run_script, tmp_path):
     """Default hyperparameters, seed 1: greedy return rises far above a random policy's ~20
-    within 25k steps (the full acceptance run, ≥ 475 within 100k, is in the README)."""
-    out = run_script("r2d2.py", "--total-timesteps", "25000", "--eval-interval", "5000", "--seed", "1",
-                     "--no-progress-bar")
+    within 10k steps (seed 1 evaluates 267 at 6k and 365 at 10k on this project's CPU; the full
+    acceptance run, ≥ 475 within 100k, is in the README)."""
+    out = run_script("r2d2.py", "--total-timesteps", "10000", "--eval-interval", "2000", "--eval-episodes", "5",
+                     "--seed", "1", "--no-progress-bar")
     assert out.returncode == 0, out.stderr
     evals = scalars(tmp_path)["eval/episodic_return"]
     assert evals[0] < 100, evals  # it starts out bad ...
@@ -121,13 +120,4 @@ def test_script_imports_the_package_beside_it(tmp_path, script):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert marker in result.stdout
-    if script == "r2d2_ray.py":  # the Ray workers too, not only the driver
-        with tempfile.TemporaryDirectory(prefix="rt_", dir="/tmp") as ray_home:  # short socket paths
-            result = subprocess.run([sys.executable, str(clone / "r2d2_algo" / script), "--env-id", "CartPole-v1",
-                                     "--num-actors", "1", "--num-envs-per-actor", "2", "--hidden-size", "16",
-                                     "--total-timesteps", "600", "--learning-starts", "400", "--eval-episodes", "0"],
-                                    cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                                    env=dict(os.environ, RAY_TMPDIR=ray_home, OMP_NUM_THREADS="1"))
-        assert result.returncode == 0, result.stderr
-        workers = [line for line in (result.stdout + result.stderr).splitlines() if "pid=" in line]
-        assert any(marker in line for line in workers), result.stdout + result.stderr
+    # r2d2_ray.py's Ray workers: test_r2d2_ray.py's test_short_run_on_embedded_ray runs from such a copy

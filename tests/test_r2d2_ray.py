@@ -5,6 +5,7 @@ checks that no Ray process and no /dev/shm entry of the run is left behind."""
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,10 +63,10 @@ def ray_home():
         assert set(os.listdir("/dev/shm")) <= before_shm, "a /dev/shm entry left behind"
 
 
-def start(tmp_path, ray_home, *args):
+def start(tmp_path, ray_home, *args, root=ROOT):
     env = dict(os.environ, RAY_TMPDIR=ray_home, HOME=ray_home, OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore::DeprecationWarning")
-    return subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_ray.py"), *map(str, args)], cwd=tmp_path,
+    return subprocess.Popen([sys.executable, str(root / "r2d2_algo" / "r2d2_ray.py"), *map(str, args)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
@@ -84,10 +85,22 @@ def read_until_step(proc, step, timeout=240):
 
 
 def test_short_run_on_embedded_ray(tmp_path, ray_home):
+    """Two shards (batches drawn from each in proportion to its priorities), every scalar logged;
+    run from a copy of the repository whose r2d2_algo says where it was imported from: the Ray
+    workers use the copy beside the script, as the driver does (test_r2d2_cli's
+    test_script_imports_the_package_beside_it), whether or not another one is installed."""
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "r2d2_algo", clone / "r2d2_algo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "experiment_configs" / "presets", clone / "experiment_configs" / "presets")
+    with open(clone / "r2d2_algo" / "__init__.py", "a") as f:
+        f.write("\nprint('r2d2_algo imported from', __file__)\n")
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "5000", "--eval-episodes", "2",
-                 "--num-replay-shards", "2")  # two shards: batches drawn from each in proportion to its priorities
+                 "--num-replay-shards", "2", root=clone)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
+    marker = f"r2d2_algo imported from {clone / 'r2d2_algo' / '__init__.py'}"
+    workers = [line for line in (out + err).splitlines() if "pid=" in line]
+    assert marker in out and any(marker in line for line in workers), out + err
     assert "env worker 0 on node 127.0.0.2" in out and "replay shard 1 on node 127.0.0.2" in out
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
@@ -240,40 +253,43 @@ def test_bad_ray_address_is_one_line(tmp_path, ray_home, address, message):
 
 def test_weight_store_publishes_on_request_and_rate_limits():
     """The WeightStore's protocol (its async methods, without Ray): a worker asking with the newest
-    version marks the weights wanted and gets the next publication as soon as it is made; the
-    learner falling behind wakes the asking worker, and ``resume`` returns only once it catches up.
-    (Before: the learner published every --actor-update-interval *learner updates*, unasked.)"""
+    version marks the weights wanted and gets the next publication as soon as it is made; a worker
+    whose shard holds the steps the learner allows waits until the learner allows more (and then
+    gets the newest weights), and a store that was never published to allows nothing.
+    (Before: the learner published every --actor-update-interval *learner updates*, unasked; the
+    limit was a flag the learner had to set, so a stalled learner never stopped the workers.)"""
     import asyncio
 
     sys.path.insert(0, str(ROOT / "r2d2_algo"))
     from r2d2_ray import WeightStore
 
     async def protocol():
-        store = WeightStore()
-        await store.publish(0, ["w0"], False)
-        assert await store.newer(-1, 5.0) == (0, ["w0"], False)  # newer ones: at once
-        assert await store.newer(0, 0.05) == (0, None, False)  # nothing newer: waits, then none
+        store = WeightStore(2)
+        assert await store.allowance(0, 0, -1, 0.05) == (-1, None, 0.0)  # nothing published: wait
+        await store.publish(0, ["w0"], [100.0, 50.0])
+        assert await store.newer(-1, 5.0) == (0, ["w0"])  # newer ones: at once
+        assert await store.newer(0, 0.05) == (0, None)  # nothing newer: waits, then none
         wanted = asyncio.ensure_future(store.wanted())
         await asyncio.sleep(0)
         assert wanted.done()  # the learner has seen the ask (it publishes after its next update)
         asking = asyncio.ensure_future(store.newer(0, 5.0))
         await asyncio.sleep(0.05)
         assert not asking.done()
-        await store.publish(1, ["w1"], False)
-        assert await asyncio.wait_for(asking, 1.0) == (1, ["w1"], False)
+        await store.publish(1, ["w1"], [100.0, 50.0])
+        assert await asyncio.wait_for(asking, 1.0) == (1, ["w1"])
 
-        behind = asyncio.ensure_future(store.until_behind())
-        asking = asyncio.ensure_future(store.newer(1, 5.0))
+        assert await store.allowance(0, 99, 1, 5.0) == (1, None, 100.0)  # within the allowance: at once
+        waiting = asyncio.ensure_future(store.allowance(1, 50, 1, 5.0))  # shard 1 holds its 50: wait
+        wanted = asyncio.ensure_future(store.wanted())
         await asyncio.sleep(0.05)
-        assert not behind.done() and not asking.done()
-        await store.set_learner_behind(True)
-        assert await asyncio.wait_for(asking, 1.0) == (1, None, True)  # the worker stops acting
-        assert await asyncio.wait_for(behind, 1.0)
-        resuming = asyncio.ensure_future(store.resume(1, 5.0))
+        assert not waiting.done() and wanted.done()  # ... and newer weights are asked for
+        await store.allow([100.0, 50.0])  # an allowance that is no larger: still waiting
         await asyncio.sleep(0.05)
-        assert not resuming.done()
-        await store.publish(7, ["w7"], False)  # the learner caught up: the workers resume on update 7
-        assert await asyncio.wait_for(resuming, 1.0) == (7, ["w7"], False)
+        assert not waiting.done()
+        await store.publish(7, ["w7"], [120.0, 60.0])  # the learner caught up: resume on update 7
+        assert await asyncio.wait_for(waiting, 1.0) == (7, ["w7"], 60.0)
+        await store.allow([float("inf")] * 2)
+        assert await store.allowance(1, 10**9, 7, 5.0) == (7, None, float("inf"))
 
     asyncio.run(protocol())
 

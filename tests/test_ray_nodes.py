@@ -20,19 +20,14 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-# a five-node cluster and four runs: ~2 minutes, and not yet steady on a loaded 2-core machine (a
-# learner that stalls for seconds at its first updates lets the workers run past the rate limit),
-# so they run on request: R2D2_CLUSTER_TESTS=1 python -m pytest tests/test_ray_nodes.py
-pytestmark = pytest.mark.skipif(os.environ.get("R2D2_CLUSTER_TESTS") != "1",
-                                reason="node-loss tests on a loopback cluster: set R2D2_CLUSTER_TESTS=1")
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD, NODE_3, NODE_4, NODE_5, NODE_6 = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"
 PORT = 6393
-TOTAL, KILL_AT = 9000, 2000
-# the rate limit paces the env workers at the learner's speed (~500 steps/s here): the run outlasts
-# a recovery (~6 s from the kill: 2 s to see the death, 4 s to rebuild) on a faster machine too
-REPLAY_RATIO = 16
+TOTAL, KILL_AT = 5000, 2000
+# the rate limit paces the env workers at the learner's speed (~400 steps/s here): the run outlasts
+# a recovery (~6 s from the kill: 3 s to see the death, 3 s to rebuild) on a faster machine too
+REPLAY_RATIO = 8
 PUSH, ENVS, ACTORS = 10, 2, 2  # --actor-push-interval, --num-envs-per-actor, --num-actors
 RUN = ["--env-id", "CartPole-v1", "--num-actors", str(ACTORS), "--num-envs-per-actor", str(ENVS), "--hidden-size",
        "32", "--torso-size", "32", "--head-hidden-size", "32", "--burn-in-length", "4", "--sequence-length", "8",
@@ -126,13 +121,15 @@ def final_step_and_updates(out: str) -> tuple[int, int]:
 def assert_finished_within_limits(code: int, out: str, err: str) -> None:
     """Exit 0, no traceback, a final evaluation; the final step within TOTAL plus the pushes in
     flight (2 per worker), and the rate limit held: trained observations (updates × 16 × 8) at
-    least half of --min-replay-ratio × the steps after learning started (the learner sets the rate
-    limit between its updates: a slow first update lets the workers run ahead for a moment)."""
+    least 95 % of --min-replay-ratio × the steps after learning started, less those pushes (the
+    shard stops a worker at the allowance the learner's last update gave, whatever the learner is
+    doing; a limit the learner set only between its updates let the workers run at 0.4 of it)."""
     assert code == 0, err
     assert "Traceback" not in err, err
     step, updates = final_step_and_updates(out)
-    assert TOTAL <= step <= TOTAL + 2 * ACTORS * PUSH * ENVS, (step, out)
-    assert updates * 16 * 8 >= 0.5 * REPLAY_RATIO * (step - 1000), (updates, step)
+    in_flight = 2 * ACTORS * PUSH * ENVS
+    assert TOTAL <= step <= TOTAL + in_flight, (step, out)
+    assert updates * 16 * 8 >= 0.95 * REPLAY_RATIO * (step - 1000 - in_flight), (updates, step)
 
 
 def test_losing_a_node_with_an_env_worker_restarts_it_elsewhere(tmp_path, cluster):

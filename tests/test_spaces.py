@@ -1,10 +1,11 @@
 """Observation spaces R2D2 can encode, and env construction that never ends in a traceback.
 
 Unit tests of ``envs.adapt_observation`` on one tiny env per space kind (tests/helpers/space_envs.py),
-then every kind end to end in r2d2.py and r2d2_mp.py, and the one-line errors: an env that takes
+then every kind end to end in r2d2.py and each layout they become in r2d2_mp.py, and the one-line errors: an env that takes
 no ``render_mode``, a constructor that raises, a first reset that raises, a space with nothing
 to encode."""
 
+import json
 import os
 import subprocess
 import sys
@@ -117,15 +118,50 @@ TINY = ["--hidden-size", "16", "--torso-size", "16", "--head-hidden-size", "16",
         "--learning-starts", "200", "--total-timesteps", "600", "--eval-episodes", "2", "--exp-name", "spaces"]
 
 
-@pytest.mark.parametrize("script", ["r2d2.py", "r2d2_mp.py"])
+# r2d2.py's runs of every kind in one process (its imports, 2-3 s of a 4-s run, once), each run as
+# `python r2d2.py FLAGS` would do it: its exit code and what it printed
+R2D2_RUNS = """
+import contextlib, io, json, sys, traceback
+import tyro
+from r2d2_algo import r2d2
+results = {}
+for kind, argv in json.loads(sys.argv[1]).items():
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        try:
+            code = r2d2.main(tyro.cli(r2d2.Args, args=argv), argv)
+        except BaseException:
+            code = traceback.format_exc()
+    results[kind] = [code, printed.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def r2d2_runs(tmp_path_factory):
+    argv = {kind: ["--env-id", f"space_envs:Space-{kind}-v0", *TINY, "--num-envs", "4"] for kind in EXPECTED}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'helpers'}")
+    proc = subprocess.run([sys.executable, "-c", R2D2_RUNS, json.dumps(argv)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=tmp_path_factory.mktemp("r2d2_spaces"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("kind", list(EXPECTED))
-def test_every_space_kind_runs_end_to_end(script, kind, tmp_path):
-    extra = ["--num-envs", "4"] if script == "r2d2.py" else ["--num-actors", "1", "--num-envs-per-actor", "4",
-                                                             "--log-interval", "200"]
+def test_every_space_kind_runs_end_to_end_in_r2d2(kind, r2d2_runs):
+    code, printed = r2d2_runs[kind]
+    assert code == 0, printed[-3000:]
+    assert "eval return" in printed
+
+
+# what r2d2_mp.py's shared replay holds is what envs.py makes of a kind (the same code as r2d2.py's
+# above): a uint8 vector, a float32 vector, a uint8 image, or a uint8 vector of several parts
+@pytest.mark.parametrize("kind", ["discrete", "tuple", "boolimage", "dict"])
+def test_every_space_layout_runs_end_to_end_in_r2d2_mp(kind, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", **HELPERS)
-    proc = subprocess.run([sys.executable, str(ROOT / "r2d2_algo" / script), "--env-id",
-                           f"space_envs:Space-{kind}-v0", *TINY, *extra], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_mp.py"), "--env-id",
+                           f"space_envs:Space-{kind}-v0", *TINY, "--num-actors", "1", "--num-envs-per-actor", "4",
+                           "--log-interval", "200"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval return" in proc.stdout + proc.stderr
 
