@@ -624,7 +624,8 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
               (the learner publishes only then)
     counters: actor_steps (env steps per actor), actor_weights_version (version each actor acts with)
     checkpoints: pause (the learner asks the actors to wait), actor_paused (each actor waits)
-    rate limit: learner_behind (the learner is below --min-replay-ratio: the actors wait)
+    rate limit: allowed_steps (the env steps the run may reach before the actors wait for the
+              learner, --min-replay-ratio; inf: no limit)
     """
     replay = SequenceReplayBuffer(**replay_kwargs, index=True, allocate=arrays.allocate)
     arrays.allocate("weights", (num_params,), np.float32)
@@ -634,7 +635,7 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     arrays.allocate("weights_wanted", (num_actors + 1,), np.int64)  # the last: the inference process
     arrays.allocate("pause", (1,), np.int64)  # set by the learner while it writes a checkpoint
     arrays.allocate("actor_paused", (num_actors,), np.int64)  # each actor's acknowledgement
-    arrays.allocate("learner_behind", (1,), np.int64)
+    arrays.allocate("allowed_steps", (1,), np.float64)[0] = np.inf
     return replay
 
 
@@ -775,7 +776,7 @@ def inference_server(args: Args, layout: dict, weights_lock, requests, responses
         request, response = arrays["inference_request"], arrays["inference_response"]
         weights, version = arrays["weights"], arrays["weights_version"]
         wanted, acting_version = arrays["weights_wanted"][A : A + 1], arrays["actor_weights_version"][:A]
-        pause, learner_behind = arrays["pause"], arrays["learner_behind"]
+        pause, allowed, all_steps = arrays["pause"], arrays["allowed_steps"], arrays["actor_steps"][:A]
         state = net.initial_state(A * E, device)  # (A·E, state_size): entering each env's current obs
         pinned = device.type == "cuda"
         staging = torch.empty((A * inputs["obs"].shape[1], *observation_space.shape),
@@ -785,7 +786,7 @@ def inference_server(args: Args, layout: dict, weights_lock, requests, responses
         acting_version[:] = load_published_weights(net, weights, version, weights_lock)
         served = 0  # actor steps served since the last refresh
         while not stop_event.is_set() and os.getppid() == parent_pid:
-            if served >= args.actor_update_interval * A or pause[0] or learner_behind[0]:
+            if served >= args.actor_update_interval * A or pause[0] or all_steps.sum() >= allowed[0]:
                 wanted[0] = 1
                 if version[0] > acting_version[0]:
                     acting_version[:] = load_published_weights(net, weights, version, weights_lock)
@@ -871,11 +872,11 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
         env_actor = EnvActor(envs, net, replay, epsilons, rng, seed, streams=streams, inference=client)
         steps_since_refresh = 0  # actor steps (batched forward passes)
         steps_before = int(arrays["actor_steps"][actor_id])  # a resumed or restarted actor continues the count
-        pause, paused, learner_behind = arrays["pause"], arrays["actor_paused"], arrays["learner_behind"]
+        pause, paused, allowed = arrays["pause"], arrays["actor_paused"], arrays["allowed_steps"]
         all_steps = arrays["actor_steps"][: args.num_actors]
 
         def must_wait() -> bool:  # a checkpoint, a learner below --min-replay-ratio, or the run's steps are done
-            return bool(pause[0] or learner_behind[0] or all_steps.sum() >= args.total_timesteps)
+            return bool(pause[0] or all_steps.sum() >= min(allowed[0], args.total_timesteps))
 
         while not stop_event.is_set():
             if os.getppid() != parent_pid:
@@ -1251,9 +1252,11 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
             # ALGO LOGIC: train while the replay ratio allows (trained observations per observation added)
             learn_from = progress["learn_from"]
             trained = (updates - progress["updates_base"]) * args.batch_size * args.sequence_length
-            # the rate limit: the actors wait while the learner is below --min-replay-ratio
-            arrays["learner_behind"][0] = int(global_step >= learn_from and replay.num_valid_sequences > 0
-                                              and trained < args.min_replay_ratio * (global_step - learn_from))
+            # the rate limit: the actors wait once the run has taken the steps at which what the learner has
+            # trained is --min-replay-ratio of them (Reverb's SampleToInsertRatio); raised after each update,
+            # so a learner that makes none (a stall, a long wait) stops them within a step
+            arrays["allowed_steps"][0] = (learn_from + trained / args.min_replay_ratio if args.min_replay_ratio > 0
+                                          and replay.num_valid_sequences > 0 else np.inf)
             if global_step >= learn_from and replay.num_valid_sequences > 0 and \
                     trained <= args.replay_ratio * (global_step - learn_from):
                 batch = prefetcher.next_batch(stop)

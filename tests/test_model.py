@@ -250,7 +250,7 @@ def test_every_script_loads_published_weights_in_place(device, monkeypatch):
         worker.version = -1
         before = parameter_layout(worker.net)
         if role is r2d2_ray.EnvWorker:
-            worker.refresh((3, [read_only], False))
+            worker.refresh(3, [read_only])
         else:
             monkeypatch.setattr(r2d2_ray, "evaluate", lambda *args, **kwargs: ([0.0], None))
             worker.args = r2d2_ray.Args(eval_episodes=1)

@@ -514,6 +514,38 @@ def test_min_replay_ratio_makes_the_actors_wait_for_a_slow_learner(tmp_path):
     assert final_updates()[0] < 0.8 * asked  # without it the actors finish first (else this test shows nothing)
 
 
+def test_a_stopped_learner_stops_the_actors_at_its_allowance(tmp_path):
+    """The rate limit holds whatever the learner is doing: with the learner process frozen
+    (SIGSTOP: what a stall in an update or a long wait looks like to the actors), the actors take
+    no step past the allowance it set after its last update (``allowed_steps``, at most one
+    batched step of each actor over). Before, the learner set a behind flag between its updates,
+    and actors that had last seen it clear ran on for as long as the learner was away."""
+    proc = start(tmp_path, "--env-id", "CartPole-v1", "--num-actors", "2", "--total-timesteps", "10000000",
+                 "--min-replay-ratio", "4", "--eval-episodes", "0", *SMALL)  # SMALL: --replay-ratio 4
+    try:
+        while True:  # learning: the allowance follows the updates
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            match = re.match(r"step [\d,]+: SPS \d+, updates ([\d,]+)", line)
+            if match and int(match.group(1).replace(",", "")) >= 20:
+                break
+        steps_file = next(f for f in shm_segments_of(proc.pid) if f.endswith("_actor_steps"))
+        allowed_file = next(f for f in shm_segments_of(proc.pid) if f.endswith("_allowed_steps"))
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # the steps in flight land
+        before = int(np.fromfile(steps_file, dtype=np.int64).sum())
+        time.sleep(3.0)
+        after = int(np.fromfile(steps_file, dtype=np.int64).sum())
+        allowed = float(np.fromfile(allowed_file, dtype=np.float64)[0])
+        os.kill(proc.pid, signal.SIGCONT)
+        assert after <= allowed + 2 * 2, (after, allowed)  # 2 actors x 2 envs: one batched step each
+        assert after - before <= 2 * 2, (before, after)  # stopped, not merely slowed
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGINT)
+    wait_clean(proc, timeout=60)
+
+
 def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
     proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--buffer-size", "100000000")
     out, err = wait_clean(proc, timeout=60)

@@ -302,9 +302,14 @@ def test_checkpoint_and_resume(tmp_path, ray_home):
     which holds the embedded Ray's own processes too; they must outlive the driver's final
     checkpoint. The driver is held stopped for 15 s after the signal: without the fix, Ray's
     agents die of it and the raylet follows them ~10 s later, so the checkpoint always fails
-    (a race CI once lost without the hold)."""
+    (a race CI once lost without the hold).
+
+    The hold also shows the rate limit (--min-replay-ratio) holding while the learner is away: the
+    shards stop the env workers at the allowance of the learner's last update (learning starts +
+    trained observations / 2), so the checkpoint holds no more steps than that, and the pushes in
+    flight (the learner's flag, set between its updates, let them run on for the whole 15 s)."""
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "100000", "--eval-episodes", "0",
-                 "--checkpoint-interval", "100000")
+                 "--checkpoint-interval", "100000", "--min-replay-ratio", "2")  # SMALL: --replay-ratio 4
     read_until_step(proc, 3000)
     os.kill(proc.pid, signal.SIGSTOP)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -316,6 +321,8 @@ def test_checkpoint_and_resume(tmp_path, ray_home):
     checkpoint = load_checkpoint(folder)
     step, updates = checkpoint["progress"]["global_step"], checkpoint["progress"]["updates"]
     assert step >= 3000 and updates > 0 and from_storable(checkpoint["replay_shards"])[0]["replay"] is not None
+    allowed = 1000 + (updates + 1) * 16 * 8 / 2  # --learning-starts, SMALL's batches; and an update in flight
+    assert step <= allowed + 2 * 2 * 10 * 2, (step, allowed)  # + 2 pushes of 10 steps × 2 envs per worker
 
     proc = start(tmp_path, ray_home, "--resume", folder, "--gamma", "0.9")
     out, err = proc.communicate(timeout=60)
