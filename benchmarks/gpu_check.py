@@ -87,6 +87,8 @@ class Args:
     """measuring time per scaling cell"""
     scaling_batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     """batch sizes (sequences) of the learner table"""
+    skip: list[str] = field(default_factory=list)
+    """checks not to run, by name (reported as skipped): the test suite skips those its own tests prove on the CPU"""
     out: str | None = None
     """JSON file (default: benchmarks/results/gpu_check[_scaling][_small].json)"""
 
@@ -103,7 +105,8 @@ CARTPOLE = ["--env-id", "CartPole-v1", "--no-progress-bar", "--hidden-size", "32
 class Report:
     """The checks' outcomes and figures, in order; printed as one table and written as JSON."""
 
-    def __init__(self):
+    def __init__(self, skip: list[str] = ()):
+        self.skip = set(skip)
         self.rows: list[dict] = []
         self.figures: dict = {}
 
@@ -112,6 +115,8 @@ class Report:
         exception marks it FAILED with its last line; ``Skip`` marks it skipped."""
         t0 = time.time()
         try:
+            if name in self.skip:
+                raise Skip("--skip")
             result = function(*args, **kwargs)
             status, detail = "ok", result
         except Skip as e:
@@ -408,7 +413,7 @@ def main(args: Args) -> int:
         args.actors, args.envs_per_actor, args.actor_seconds, args.system_seconds = 2, 4, 3.0, 4.0
         args.learner_updates, args.scaling_processes, args.scaling_seconds = 2, [1, 2], 2.0
         args.scaling_total_envs, args.scaling_batch_sizes = 8, [2, 4]
-    report = Report()
+    report = Report(args.skip)
     t0 = time.time()
     info = report.check("machine", machine, device)
     if info is None:

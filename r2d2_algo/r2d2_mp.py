@@ -642,10 +642,17 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
 def publish(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, lock, updates: int) -> None:
     """Learner side: copy the parameters into the shared float32 vector ``weights`` (P,) and set
     ``version`` (1,) int64 to ``updates``, both under ``lock`` (R2D2 Sec. 2.3: actors act with
-    the learner's recent weights)."""
-    with lock:
+    the learner's recent weights). A lock still held after 2 s was taken by a process killed
+    while it copied the weights (a copy takes milliseconds), which will never release it: the
+    learner takes it over (it would otherwise wait forever, before it could see the death)."""
+    if not lock.acquire(timeout=2.0):
+        print("r2d2_mp.py: the weights lock was held for 2 s (a process killed while it copied the weights?); "
+              "taken over", file=sys.stderr, flush=True)
+    try:
         weights[:] = parameters_to_vector(network.parameters()).detach().cpu().numpy()
         version[0] = updates
+    finally:
+        lock.release()
 
 
 def load_published_weights(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, lock) -> int:

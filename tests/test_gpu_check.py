@@ -1,5 +1,8 @@
 """benchmarks/gpu_check.py, the one command that proves the GPU paths on a lent GPU machine, run
-here at toy sizes on the CPU (``--device cpu --small``) so that it cannot rot between GPU sessions."""
+here at toy sizes on the CPU (``--device cpu --small``) so that it cannot rot between GPU sessions.
+The short runs of r2d2.py, r2d2_ray.py and r2d2_mp.py --amp are skipped here: on the CPU they are
+what test_r2d2_cli, test_r2d2_ray and test_devices run, and their check is the same helper as the
+central-inference run's, which runs."""
 
 import json
 import subprocess
@@ -12,21 +15,23 @@ CHECKS = ["machine", "precision of each part (learner update)", "r2d2.py", "r2d2
           "learner at the paper batch", "actors through central inference", "whole system on Pong (central inference)"]
 
 
+SKIPPED = ["r2d2.py", "r2d2_mp.py --inference local --amp", "r2d2_ray.py"]
+
+
 def test_gpu_check_small_on_the_cpu_passes_every_check_and_writes_its_table(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=400,
-                          env=script_env("cpu"))
+                           "--skip", *SKIPPED, "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=400, env=script_env("cpu"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["check"]: row for row in result["checks"]}
     assert list(rows) == CHECKS
-    assert all(row["status"] == "ok" for row in rows.values()), [r for r in rows.values() if r["status"] != "ok"]
+    assert [name for name, row in rows.items() if row["status"] == "skipped"] == SKIPPED
+    assert all(rows[name]["status"] == "ok" for name in CHECKS if name not in SKIPPED), rows
     precision = rows["precision of each part (learner update)"]["result"]
     assert precision["fp32"] == "torso float32, core float32, head float32"
     assert precision["amp"] == "torso bfloat16, core float32, head bfloat16"
-    assert "learner on cpu (bfloat16 torso and head, float32 core (--amp))" in \
-        rows["r2d2_mp.py --inference local --amp"]["result"]["computes"]
     assert rows["r2d2_mp.py --inference central"]["result"]["updates"] > 0
     assert rows["whole system on Pong (central inference)"]["result"]["updates/s"] > 0
     assert rows["learner at the paper batch"]["result"]["amp updates/s"] > 0

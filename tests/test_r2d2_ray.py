@@ -44,10 +44,12 @@ def ray_processes():
     return found
 
 
-def env_worker_pids() -> list[int]:
-    """PIDs of the run's live EnvWorker processes."""
+def env_worker_pids(proc) -> list[int]:
+    """PIDs of the live EnvWorker processes of the run ``proc`` (its embedded Ray's processes are
+    its descendants: another run's workers on the machine are not counted)."""
+    ours = {int(entry.split(":")[0]) for entry in processes.descendants(proc.pid)}
     return [pid for pid in ray_processes()
-            if "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+            if pid in ours and "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
 
 
 @pytest.fixture
@@ -143,7 +145,7 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0",
                  "--checkpoint-interval", "1000")
     read_until_step(proc, 3000)
-    workers = env_worker_pids()
+    workers = env_worker_pids(proc)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     errors = []
@@ -171,10 +173,14 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
 
 def test_a_death_beyond_max_actor_restarts_stops_the_run(tmp_path, ray_home):
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "10000000", "--max-actor-restarts", "0")
-    read_until_step(proc, 2000)
-    (victim, _) = env_worker_pids()
-    os.kill(victim, signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
+    try:
+        read_until_step(proc, 2000)
+        (victim, _) = env_worker_pids(proc)
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:  # a run that did not stop must not go on beside the next tests
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, err
     assert "(0 of --max-actor-restarts 0 restarts used)" in err and "Traceback" not in err, err
 
