@@ -334,7 +334,7 @@ def test_checkpoint_and_resume(tmp_path, ray_home):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and len(err.strip().splitlines()) == 1 and "--gamma 0.9" in err, err
 
-    proc = start(tmp_path, ray_home, "--resume", folder, "--total-timesteps", str(step + 2000))
+    proc = start(tmp_path, ray_home, "--resume", folder, "--total-timesteps", str(step + 1000))
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
     assert f"from step {step:,} ({updates:,} updates)" in out

@@ -115,7 +115,7 @@ def test_env_without_render_mode_builds_and_refuses_to_render():
 
 TINY = ["--hidden-size", "16", "--torso-size", "16", "--head-hidden-size", "16", "--burn-in-length", "2",
         "--sequence-length", "8", "--overlap", "4", "--batch-size", "8", "--buffer-size", "4000",
-        "--learning-starts", "200", "--total-timesteps", "600", "--eval-episodes", "2", "--exp-name", "spaces"]
+        "--learning-starts", "200", "--total-timesteps", "400", "--eval-episodes", "2", "--exp-name", "spaces"]
 
 
 # r2d2.py's runs of every kind in one process (its imports, 2-3 s of a 4-s run, once), each run as
