@@ -639,15 +639,21 @@ def create_shared_memory(arrays: SharedArrays, replay_kwargs: dict, num_params: 
     return replay
 
 
+def take_weights_lock(lock, holder: str = "a process killed while it copied the weights?") -> None:
+    """Learner side: acquire the weights lock. One still held after 2 s was taken by a process
+    killed while it copied the weights (a copy takes milliseconds), which will never release it:
+    the learner takes it over (any process may release a multiprocessing lock), said on stderr
+    with the ``holder`` it assumes."""
+    if not lock.acquire(timeout=2.0):
+        print(f"r2d2_mp.py: the weights lock was held for 2 s ({holder}); taken over", file=sys.stderr, flush=True)
+
+
 def publish(network: torch.nn.Module, weights: np.ndarray, version: np.ndarray, lock, updates: int) -> None:
     """Learner side: copy the parameters into the shared float32 vector ``weights`` (P,) and set
     ``version`` (1,) int64 to ``updates``, both under ``lock`` (R2D2 Sec. 2.3: actors act with
-    the learner's recent weights). A lock still held after 2 s was taken by a process killed
-    while it copied the weights (a copy takes milliseconds), which will never release it: the
-    learner takes it over (it would otherwise wait forever, before it could see the death)."""
-    if not lock.acquire(timeout=2.0):
-        print("r2d2_mp.py: the weights lock was held for 2 s (a process killed while it copied the weights?); "
-              "taken over", file=sys.stderr, flush=True)
+    the learner's recent weights). The lock is taken with ``take_weights_lock``: the learner can
+    publish before it sees that an actor died holding it, and would otherwise wait forever."""
+    take_weights_lock(lock)
     try:
         weights[:] = parameters_to_vector(network.parameters()).detach().cpu().numpy()
         version[0] = updates
@@ -1052,10 +1058,7 @@ class Processes:
                   f"{self.args.max_actor_restarts}:\n{trace}", file=sys.stderr, flush=True)
             self.writer.add_text("actor_restarts", f"step {global_step}: {p.name} died\n\n    "
                                  + trace.replace("\n", "\n    "), global_step)
-            # a copy of the weights takes milliseconds: a lock still held after 2 s was the dead
-            # actor's (any process may release a multiprocessing lock)
-            if not self.weights_lock.acquire(timeout=2.0):
-                print(f"r2d2_mp.py: {p.name} died holding the weights lock; released", file=sys.stderr, flush=True)
+            take_weights_lock(self.weights_lock, f"{p.name} died holding it")  # then free for the others
             self.weights_lock.release()
             E = self.args.num_envs_per_actor
             self.cut_streams(actor_id * E + np.arange(E))

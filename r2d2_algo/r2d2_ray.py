@@ -1133,9 +1133,11 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         sent before; the env workers go on acting meanwhile, up to the steps the learner allows)."""
         try:
             refs, since = [shard.state.remote(args.checkpoint_replay) for shard in cluster.shards], time.time()
+            named_at = since
             while len(ray.wait(refs, num_returns=len(refs), timeout=1)[0]) < len(refs):  # never a blind wait
-                if round(time.time() - since) % 10 == 0:
-                    late = [i for i, ref in enumerate(refs) if not ray.wait([ref], timeout=0)[0]]
+                late = [i for i, ref in enumerate(refs) if not ray.wait([ref], timeout=0)[0]]
+                if time.time() - named_at >= 10:  # every 10 s
+                    named_at = time.time()
                     print(f"r2d2_ray.py: the checkpoint has waited {time.time() - since:.0f} s for replay shard(s) "
                           + ", ".join(f"{i} (node {cluster.where[f'replay shard {i}'][0]})" for i in late),
                           file=sys.stderr, flush=True)
@@ -1168,13 +1170,17 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
 
     def publish(updates: int) -> list:
         weights = [ray.put(parameters_to_vector(q_network.parameters()).detach().cpu().numpy())]
-        cluster.store.publish.remote(updates, weights, allowed)
-        for shard, steps in zip(cluster.shards, allowed):
-            shard.allow.remote(steps)
+        send_allowance(updates, weights)
         return weights
 
-    def send_allowance() -> None:  # to the shards, which tell their workers to wait, and to the store, where they wait
-        cluster.store.allow.remote(allowed)
+    def send_allowance(updates: int | None = None, weights: list | None = None) -> None:
+        """The allowances to the shards, which tell their workers to wait, and to the store, where
+        they wait (with the weights of update ``updates``, if given: one call, so that a worker the
+        allowance releases gets them)."""
+        if weights is None:
+            cluster.store.allow.remote(allowed)
+        else:
+            cluster.store.publish.remote(updates, weights, allowed)
         for shard, steps in zip(cluster.shards, allowed):
             shard.allow.remote(steps)
 
