@@ -5,16 +5,15 @@ import dataclasses
 import glob
 import inspect
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from r2d2_algo.r2d2 import Args
+from tests.conftest import marked_copy_of_the_repository
 
 FAST = ["--no-progress-bar", "--learning-starts", "600", "--eval-interval", "0", "--eval-episodes", "2",
         "--log-interval", "200"]
@@ -109,13 +108,7 @@ def test_script_imports_the_package_beside_it(tmp_path, script):
     """`python <clone>/r2d2_algo/<script>` uses that clone's r2d2_algo, whether or not the package
     is installed (uninstalled it would stop with a ModuleNotFoundError traceback; installed from
     another clone it would silently run that clone's replay and model)."""
-    root = Path(__file__).resolve().parents[1]
-    clone = tmp_path / "clone"
-    shutil.copytree(root / "r2d2_algo", clone / "r2d2_algo", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(root / "experiment_configs" / "presets", clone / "experiment_configs" / "presets")
-    with open(clone / "r2d2_algo" / "__init__.py", "a") as f:
-        f.write("\nprint('r2d2_algo imported from', __file__)\n")
-    marker = f"r2d2_algo imported from {clone / 'r2d2_algo' / '__init__.py'}"
+    clone, marker = marked_copy_of_the_repository(tmp_path)
     result = subprocess.run([sys.executable, str(clone / "r2d2_algo" / script), "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,6 @@ checks that no Ray process and no /dev/shm entry of the run is left behind."""
 import glob
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from r2d2_algo import processes
 from r2d2_algo.checkpoint import from_storable, load_checkpoint
+from tests.conftest import marked_copy_of_the_repository
 
 pytest.importorskip("ray")
 
@@ -91,16 +91,11 @@ def test_short_run_on_embedded_ray(tmp_path, ray_home):
     run from a copy of the repository whose r2d2_algo says where it was imported from: the Ray
     workers use the copy beside the script, as the driver does (test_r2d2_cli's
     test_script_imports_the_package_beside_it), whether or not another one is installed."""
-    clone = tmp_path / "clone"
-    shutil.copytree(ROOT / "r2d2_algo", clone / "r2d2_algo", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "experiment_configs" / "presets", clone / "experiment_configs" / "presets")
-    with open(clone / "r2d2_algo" / "__init__.py", "a") as f:
-        f.write("\nprint('r2d2_algo imported from', __file__)\n")
+    clone, marker = marked_copy_of_the_repository(tmp_path)
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "5000", "--eval-episodes", "2",
                  "--num-replay-shards", "2", root=clone)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
-    marker = f"r2d2_algo imported from {clone / 'r2d2_algo' / '__init__.py'}"
     workers = [line for line in (out + err).splitlines() if "pid=" in line]
     assert marker in out and any(marker in line for line in workers), out + err
     assert "env worker 0 on node 127.0.0.2" in out and "replay shard 1 on node 127.0.0.2" in out
