@@ -1,9 +1,9 @@
 """Observation spaces R2D2 can encode, and env construction that never ends in a traceback.
 
 Unit tests of ``envs.adapt_observation`` on one tiny env per space kind (tests/helpers/space_envs.py),
-then every kind end to end in r2d2.py and each layout they become in r2d2_mp.py, and the one-line errors: an env that takes
-no ``render_mode``, a constructor that raises, a first reset that raises, a space with nothing
-to encode."""
+then every kind end to end in r2d2.py and each layout they become in r2d2_mp.py, and the
+one-line errors: an env that takes no ``render_mode``, a constructor that raises, a first reset
+that raises, a space with nothing to encode."""
 
 import json
 import os
