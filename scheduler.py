@@ -38,6 +38,7 @@ from pathlib import Path
 import tyro
 
 from r2d2_algo.checks import check_writable
+from r2d2_algo.limits import usable_cpus
 from r2d2_algo.experiments import (ConfigError, Run, config_paths, load_configs, log_path, read_record,
                                    record_path, state_dir, write_record)
 from r2d2_algo.processes import pid_alive, process_start_time, quiet_if_hung_up
@@ -52,8 +53,9 @@ class Args:
     """configuration files to run (default: every *.yaml of --config-dir)"""
     config_dir: str = "experiment_configs"
     """folder of the configurations"""
-    max_parallel: int = os.cpu_count() or 1
-    """slots (cores) used at once: a run takes one, an r2d2_mp.py run num_actors + 1"""
+    max_parallel: int = dataclasses.field(default_factory=lambda: usable_cpus()[0])
+    """slots (CPUs) used at once: a run takes one, an r2d2_mp.py run num_actors + 1 (default: the usable CPUs:
+    affinity mask, cgroup CPU quota)"""
     retry_failed: bool = False
     """rerun runs that failed before (by default they are skipped)"""
     dry_run: bool = False
@@ -258,7 +260,7 @@ class Scheduler:
                     f"{f' on GPU {gpu}' if gpu is not None else ''}\n# {subprocess.list2cmdline(command)}\n")
             f.flush()
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            threads = str(max(1, (os.cpu_count() or 1) * run.slots // max(self.args.max_parallel, 1)))
+            threads = str(max(1, usable_cpus()[0] * run.slots // max(self.args.max_parallel, 1)))
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 env.setdefault(var, threads)  # N runs × all cores each would oversubscribe the CPU
             if gpu is not None:

@@ -41,6 +41,7 @@ import tyro
 
 from r2d2_algo.devices import set_float32_precision
 from r2d2_algo.envs import check_env_id, default_env_threads, frame_stack_of, make_vector_env
+from r2d2_algo.limits import usable_cpus
 from r2d2_algo.model import RNNQNetwork
 from r2d2_algo.r2d2_mp import Args as R2D2Args
 from r2d2_algo.r2d2_mp import (MAX_ENVS_PER_ACTOR, EnvActor, InferenceClient, Prefetcher, batch_to_torch,
@@ -62,8 +63,8 @@ class Args:
     repeats: int = 3
     """rounds of the main measurements (raw, forward, actor, actor with 1 split), interleaved so a
     slow spell of the machine hits every kind; medians are reported, ratios are taken per round"""
-    processes: int = max(1, (os.cpu_count() or 2) - 1)
-    """actor processes for the main measurements (default: cores − 1, as r2d2_mp.py)"""
+    processes: int = field(default_factory=lambda: max(1, usable_cpus()[0] - 1))
+    """actor processes for the main measurements (default: usable CPUs − 1, as r2d2_mp.py)"""
     envs_per_process: int = MAX_ENVS_PER_ACTOR
     """envs per actor process for the main measurements (r2d2_mp.py's default)"""
     env_splits: int = 2

@@ -7,7 +7,7 @@ factor: training would ascend the loss); the ε ladder's base in (0, 1] and expo
 (Ape-X Sec. 4.1: ε_i = base^(1 + α·i/(N−1)) must stay a probability); priority and
 importance-sampling exponents in [0, 1] (R2D2 Sec. 2.3); an overlap below the sequence length;
 learning that starts within the run; networks whose weights, target copy and Adam moments fit
-the free memory; an experiment name that stays inside ``runs/``; output folders (``runs/``,
+half the available memory (``limits.available_memory``: MemAvailable or a cgroup limit); an experiment name that stays inside ``runs/``; output folders (``runs/``,
 ``saved_models/``, ``saved_checkpoints/``) that are folders and can be written.
 """
 
@@ -17,7 +17,7 @@ import math
 import os
 import re
 
-from r2d2_algo.shared import available_memory_bytes
+from r2d2_algo.limits import available_memory, size
 
 SEED_LIMIT = 2**32
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
@@ -71,12 +71,13 @@ def check_common_args(args) -> None:
         raise ValueError(f"--learning-starts ({args.learning_starts:,}) must be below --total-timesteps "
                          f"({args.total_timesteps:,}): the run would end untrained")
     if has("hidden_size") and min(args.hidden_size, args.torso_size, args.head_hidden_size) >= 1:
-        need, free = network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size, args.rnn_type), \
-            available_memory_bytes()
+        need = network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size, args.rnn_type)
+        free, where = available_memory()
         if need > 0.5 * free:
             raise ValueError(f"--hidden-size {args.hidden_size}, --torso-size {args.torso_size} and "
-                             f"--head-hidden-size {args.head_hidden_size} need at least {need / 2**30:,.1f} GiB for "
-                             f"the networks and Adam, but {free / 2**30:,.1f} GiB of memory is free")
+                             f"--head-hidden-size {args.head_hidden_size} need at least {size(need)} of memory for "
+                             f"the networks and Adam (4 float32 copies of the weights), more than half of the "
+                             f"{size(free)} available ({where})")
     check_writable("runs")  # the folders the run will write, relative to the working directory
     if getattr(args, "save_model", False):
         check_writable("saved_models")

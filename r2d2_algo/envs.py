@@ -35,6 +35,8 @@ import os
 import gymnasium as gym
 import numpy as np
 
+from r2d2_algo.limits import usable_cpus
+
 ATARI_MAX_FRAMES = 108_000  # 30 minutes at 60 Hz (R2D2 Table 2)
 ATARI_FRAME_STACK = 4
 NO_VELOCITY_CARTPOLE_ID = "CartPoleNoVelocity-v1"
@@ -305,11 +307,11 @@ def _inspect_env(env_id: str) -> tuple[gym.spaces.Box, int, tuple[str, ...]]:
 
 
 def default_env_threads(num_processes: int) -> int:
-    """C++ env threads per actor process when not given: the usable cores shared among the
-    processes (at least 1), so all actors' ale-py threads together match the cores (ale-py's own
-    default, one per core in every process, would start cores × processes threads)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, num_processes))
+    """C++ env threads per actor process when not given: the usable CPUs (``limits.usable_cpus``:
+    affinity mask and cgroup CPU quota) shared among the processes (at least 1), so all actors'
+    ale-py threads together match the CPUs (ale-py's own default, one per core of the affinity
+    mask in every process, would start cores × processes threads)."""
+    return max(1, usable_cpus()[0] // max(1, num_processes))
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,

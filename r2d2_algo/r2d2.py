@@ -45,14 +45,14 @@ from r2d2_algo.checkpoint import (
     to_storable,
     unpickle_envs,
 )
-from r2d2_algo.checks import check_common_args
+from r2d2_algo.checks import check_common_args, network_bytes
 from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
+from r2d2_algo.limits import batch_bytes, check_memory, read_limits
 from r2d2_algo.model import RNNQNetwork, parameter_count
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.processes import skip_final_collection
-from r2d2_algo.shared import available_memory_bytes
 from r2d2_algo.stopping import StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
 
@@ -515,10 +515,14 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             burn_in_length=args.burn_in_length, sequence_length=args.sequence_length, n_step=args.n_step,
             overlap=args.overlap, priority_exponent=args.priority_exponent,
             importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack)
-        replay_bytes, free = SequenceReplayBuffer.shared_nbytes(**replay_kwargs), available_memory_bytes()
-        if replay_bytes > 0.9 * free:
-            raise ValueError(f"a replay of {args.buffer_size:,} observations needs {replay_bytes / 2**30:.2f} GiB but "
-                             f"only {free / 2**30:.2f} GiB of memory is free; lower --buffer-size")
+        replay_bytes, limits = SequenceReplayBuffer.shared_nbytes(**replay_kwargs), read_limits()
+        others = {"a learner batch": batch_bytes(args.batch_size, args.burn_in_length + args.sequence_length
+                                                 + args.n_step, observation_space.shape, observation_space.dtype),
+                  "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
+                                                     args.rnn_type)}
+        fit = max(0, int(0.9 * args.buffer_size * (limits.memory_bytes - sum(others.values())) / replay_bytes))
+        check_memory({"replay": replay_bytes, **others}, limits,
+                     f"lower --buffer-size (about {fit:,} fit) or --batch-size")
         replay = SequenceReplayBuffer(**replay_kwargs)
     except ValueError as e:
         raise SystemExit(f"r2d2.py: error: {e}") from None
@@ -535,6 +539,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)  # replay sampling and exploration
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     set_float32_precision(args.tf32)  # on CUDA: TF32 or IEEE float32 (--tf32)
+    torch.set_num_threads(min(torch.get_num_threads(), limits.cpus))  # torch counts cores, not a cgroup CPU quota
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)
     epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,) one rung per env
@@ -576,8 +581,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     writer = open_writer(run_name, args, progress["global_step"], epsilons)
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device} "
           f"({precision_summary(device, args.amp, args.tf32)}), replay "
-          f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}",
-          flush=True)
+          f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}"
+          f"; {limits.cpus} usable CPU{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
+          f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() != 1 else ''}", flush=True)
 
     start_time = time.time() - progress["elapsed"]
     last = {"time": time.time(), "step": progress["global_step"], "updates": progress["updates"],

@@ -73,14 +73,15 @@ from r2d2_algo.checkpoint import (
     resume_run,
     save_model,
 )
-from r2d2_algo.checks import check_common_args
+from r2d2_algo.checks import check_common_args, network_bytes
 from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
+from r2d2_algo.limits import PROCESS_BYTES, batch_bytes, check_memory, check_shared_memory, read_limits, usable_cpus
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.processes import skip_final_collection
-from r2d2_algo.shared import SharedArrays, available_memory_bytes, start_resource_tracker
+from r2d2_algo.shared import SharedArrays, start_resource_tracker
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
 
@@ -111,8 +112,8 @@ class Args:
     """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
     total_timesteps: int = 10_000_000
     """total environment steps (summed over all envs)"""
-    num_actors: int = max(1, (os.cpu_count() or 2) - 1)
-    """actor processes (default: the cores left after the learner)"""
+    num_actors: int = dataclasses.field(default_factory=lambda: max(1, usable_cpus()[0] - 1))
+    """actor processes (default: the usable CPUs left after the learner: affinity mask, cgroup CPU quota)"""
     num_envs_per_actor: int = 0
     """environments per actor, acted on with one batched forward pass per env split. 0: 64 (= 2 × 32:
     the forward pass is bound by reading the weights, so larger batches cost little more per call), or
@@ -1446,13 +1447,24 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         network = make_network(args, observation_space, n_actions)
         replay_kwargs = replay_arguments(args, observation_space, network.state_size, frame_stack)
         replay_bytes = SequenceReplayBuffer.shared_nbytes(**replay_kwargs)
+        # the replay and the published weights live in /dev/shm, which is also memory (of the cgroup)
+        limits, shared_bytes = read_limits(), replay_bytes + 4 * parameter_count(network)
+        children = args.num_actors + 1 + (args.inference == "central")
+        others = {"2 learner batches": 2 * batch_bytes(args.batch_size, args.burn_in_length + args.sequence_length
+                                                       + args.n_step, observation_space.shape, observation_space.dtype),
+                  "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
+                                                     args.rnn_type),
+                  f"{children} processes (actors, evaluator{', inference' if children > args.num_actors + 1 else ''}) "
+                  f"× {PROCESS_BYTES // 2**20} MiB": children * PROCESS_BYTES}
+        room = min(limits.shm_bytes or np.inf, limits.memory_bytes - sum(others.values()))
+        fit = f"about {max(0, int(0.9 * args.buffer_size * room / shared_bytes)):,} fit"
+        check_memory({"replay in /dev/shm": shared_bytes, **others}, limits,
+                     f"lower --buffer-size ({fit}), --batch-size or --num-actors")
+        check_shared_memory(shared_bytes, f"the replay ({args.buffer_size:,} observations) with the weights",
+                            f"or lower --buffer-size ({fit})", limits)
+        torch_threads = max(1, limits.cpus - args.num_actors)
     except ValueError as e:
         raise SystemExit(f"r2d2_mp.py: error: {e}") from None
-    free = available_memory_bytes()
-    if replay_bytes > 0.9 * free:
-        raise SystemExit(f"r2d2_mp.py: error: a replay of {args.buffer_size:,} observations needs "
-                         f"{replay_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of memory is free; "
-                         f"lower --buffer-size")
     if checkpoint is not None:
         run_name = checkpoint["run_name"]
     else:
@@ -1477,12 +1489,17 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
               f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "
               f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}; learner on {learner_device.type} "
-              f"({precision_summary(learner_device, args.amp, args.tf32)})", flush=True)
+              f"({precision_summary(learner_device, args.amp, args.tf32)}); {limits.cpus} usable CPU"
+              f"{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
+              f"{'actors = CPUs - 1, ' if args.num_actors == max(1, limits.cpus - 1) else ''}learner {torch_threads} "
+              f"torch thread{'s' if torch_threads != 1 else ''}"
+              f"{', %d ale-py threads per actor' % (args.env_threads or default_env_threads(args.num_actors)) if frame_stack > 1 else ''}",
+              flush=True)
         processes.start(checkpoint["progress"]["global_step"] if checkpoint is not None else 0, learner_device,
                         stop.check)
         # the learner's CPU threads take the cores the actors leave: a CPU learner computes there; a GPU
         # learner needs few (copies, Python), and idle OpenMP threads spinning on all cores would slow the actors
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - args.num_actors))
+        torch.set_num_threads(torch_threads)
         stop.check()  # a stop that came while they started
         return learner(args, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,
                        frame_stack, stop)

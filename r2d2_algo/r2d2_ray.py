@@ -79,10 +79,11 @@ from r2d2_algo.checkpoint import (
     save_model,
     to_storable,
 )
-from r2d2_algo.checks import check_common_args
+from r2d2_algo.checks import check_common_args, network_bytes
 from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
+from r2d2_algo.limits import PROCESS_BYTES, batch_bytes, check_memory, check_shared_memory, read_limits, size, usable_cpus
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.stopping import StopRequest, StopRun
@@ -111,6 +112,9 @@ class Args:
     """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
     ray_address: str | None = None
     """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
+    ray_plasma_directory: str | None = None
+    """folder of the embedded Ray's object store (none: /dev/shm); a folder on disk (slower) where /dev/shm is
+    too small, as Docker's 64 MiB without --shm-size"""
     role_nodes: str | None = None
     """where roles go on the cluster, as ROLE=NODE_IP pairs separated by commas (ROLE: weight-store, evaluator,
     replay-shard-K, env-worker-K; e.g. replay-shard-0=10.0.0.5); soft: a role whose node is lost is rebuilt
@@ -121,8 +125,9 @@ class Args:
     """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
     total_timesteps: int = 10_000_000
     """total environment steps (summed over all envs)"""
-    num_actors: int = max(1, (os.cpu_count() or 2) - 1)
-    """env workers (Ray actors, one CPU each; default: this machine's cores left after the learner)"""
+    num_actors: int = dataclasses.field(default_factory=lambda: max(1, usable_cpus()[0] - 1))
+    """env workers (Ray actors, one CPU each; default: the usable CPUs left after the learner: affinity mask,
+    cgroup CPU quota)"""
     num_replay_shards: int = 1
     """replay shards (Ray actors); env worker i writes to shard i mod S"""
     actor_push_interval: int = 50
@@ -225,7 +230,7 @@ class Args:
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
                   "max_actor_restarts", "amp", "tf32", "ray_address", "role_nodes", "samples_in_flight",
-                  "actor_push_interval", "progress_bar")
+                  "actor_push_interval", "progress_bar", "ray_plasma_directory")
 
 
 def role_nodes(args: Args) -> dict[str, str]:
@@ -246,6 +251,9 @@ def role_nodes(args: Args) -> dict[str, str]:
 def check_args(args: Args) -> None:
     """Refuse inconsistent arguments with a one-line ValueError, before anything is written."""
     check_common_args(args)  # seeds, ε ladder, optimizer, exponents, overlap, network memory, names
+    if args.ray_address and args.ray_plasma_directory:
+        raise ValueError("--ray-plasma-directory is for the embedded Ray; a cluster's nodes set theirs "
+                         "(ray start --plasma-directory)")
     if args.ray_address and args.ray_address != "auto":
         host, _, port = args.ray_address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -1431,8 +1439,8 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
         try:
             ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
-                     num_cpus=max(args.num_actors, os.cpu_count() or 1), logging_level="ERROR",
-                     object_store_memory=object_store_memory,
+                     num_cpus=max(args.num_actors, usable_cpus()[0]), logging_level="ERROR",
+                     object_store_memory=object_store_memory, _plasma_directory=args.ray_plasma_directory,
                      _system_config={"worker_niceness": 0},
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(  # this clone's r2d2_algo
                          filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}})
@@ -1463,20 +1471,36 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-replay-shards ({args.num_replay_shards}) must be <= --num-actors "
                              f"({args.num_actors})")
         network = make_network(args, observation_space, n_actions)
-        for i in range(args.num_replay_shards):  # each shard's replay arguments, checked before Ray starts
+        replay_bytes = sum(  # each shard's replay arguments, checked before Ray starts
             SequenceReplayBuffer.shared_nbytes(**replay_arguments(args, observation_space, network.state_size, frame_stack,
                                                                   workers_of_shard(i, args) * args.num_envs_per_actor))
+            for i in range(args.num_replay_shards))
+        # the embedded object store lives in /dev/shm (or --ray-plasma-directory), which is also memory
+        in_flight = object_store_bytes(args, observation_space, network.state_size, frame_stack,
+                                       parameter_count(network))
+        store_size, limits = max(2 * in_flight, 256 * 2**20), read_limits()
+        torch_threads = max(1, limits.cpus - args.num_actors) if not args.ray_address else limits.cpus
+        if not args.ray_address:  # a cluster's nodes are its own: only the embedded Ray is checked here
+            roles = args.num_actors + args.num_replay_shards + 2
+            others = {"Ray's object store": store_size,
+                      f"{args.samples_in_flight + 1} learner batches": (args.samples_in_flight + 1) * batch_bytes(
+                          args.batch_size, args.burn_in_length + args.sequence_length + args.n_step,
+                          observation_space.shape, observation_space.dtype),
+                      "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
+                                                         args.rnn_type),
+                      f"{roles} processes (env workers, shards, evaluator, weight store) × "
+                      f"{PROCESS_BYTES // 2**20} MiB": roles * PROCESS_BYTES}
+            fit = max(0, int(0.9 * args.buffer_size * (limits.memory_bytes - sum(others.values())) / replay_bytes))
+            check_memory({"replay shards": replay_bytes, **others}, limits,
+                         f"lower --buffer-size (about {fit:,} fit), --batch-size or --num-actors")
+            if args.ray_plasma_directory is None:
+                check_shared_memory(store_size, f"Ray's object store (twice the {size(in_flight)} the run keeps "
+                                    f"in it, at least 256 MiB)", "or put the store on disk with "
+                                    "--ray-plasma-directory /tmp (slower)", limits)
+            elif not os.path.isdir(args.ray_plasma_directory) or not os.access(args.ray_plasma_directory, os.W_OK):
+                raise ValueError(f"--ray-plasma-directory {args.ray_plasma_directory!r} is not a writable folder")
     except ValueError as e:
         raise SystemExit(f"r2d2_ray.py: error: {e}") from None
-    # the embedded object store lives in /dev/shm (where it does not fit, Ray moves it to disk)
-    in_flight = object_store_bytes(args, observation_space, network.state_size, frame_stack,
-                                   parameter_count(network))
-    store_size = max(2 * in_flight, 256 * 2**20)
-    shm = os.statvfs("/dev/shm")
-    if not args.ray_address and store_size > 0.8 * shm.f_bavail * shm.f_frsize:
-        raise SystemExit(f"r2d2_ray.py: error: the run keeps up to {in_flight / 2**20:,.0f} MiB in Ray's object "
-                         f"store, but /dev/shm has {shm.f_bavail * shm.f_frsize / 2**20:,.0f} MiB free; lower "
-                         f"--actor-push-interval, --samples-in-flight or --num-actors")
     if checkpoint is not None:
         run_name = checkpoint["run_name"]
     else:
@@ -1494,9 +1518,13 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{args.num_envs_per_actor} envs, {args.num_replay_shards} replay shard(s) of "
               f"{args.buffer_size // args.num_replay_shards:,} observations, Ray "
               f"{'at ' + args.ray_address if args.ray_address else 'local (127.0.0.2)'}; the run keeps at most "
-              f"{in_flight / 2**20:,.1f} MiB in Ray's object store{'' if args.ray_address else ' (of %.0f MiB in /dev/shm)' % (store_size / 2**20)}"
-              f"; learner on {learner_device.type} ({precision_summary(learner_device, args.amp, args.tf32)})",
-              flush=True)
+              f"{in_flight / 2**20:,.1f} MiB in Ray's object store"
+              f"{'' if args.ray_address else ' (of %.0f MiB in %s)' % (store_size / 2**20, args.ray_plasma_directory or '/dev/shm')}"
+              f"; learner on {learner_device.type} ({precision_summary(learner_device, args.amp, args.tf32)}); "
+              f"{limits.cpus} usable CPU{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
+              f"{'env workers = CPUs - 1, ' if args.num_actors == max(1, limits.cpus - 1) else ''}learner "
+              f"{torch_threads} torch thread{'s' if torch_threads != 1 else ''}", flush=True)
+        torch.set_num_threads(torch_threads)  # the CPUs the local env workers leave (torch counts cores, not quotas)
         cluster = Cluster(args, run_name, observation_space, n_actions, network.state_size, frame_stack,
                           checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
         cluster.describe()

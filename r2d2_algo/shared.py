@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 from multiprocessing import resource_tracker, shared_memory
 
@@ -114,19 +113,3 @@ def start_resource_tracker() -> None:
 
 
 _HAS_TRACK = "track" in shared_memory.SharedMemory.__init__.__code__.co_varnames  # Python >= 3.13
-
-
-def available_memory_bytes() -> int:
-    """Memory a new shared segment can use: the smaller of MemAvailable and free /dev/shm space."""
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if os.path.isdir("/dev/shm"):
-        shm_free = shutil.disk_usage("/dev/shm").free
-        available = shm_free if available is None else min(available, shm_free)
-    return available if available is not None else 1 << 62
