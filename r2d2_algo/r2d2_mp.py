@@ -77,7 +77,8 @@ from r2d2_algo.checks import check_common_args, network_bytes
 from r2d2_algo.devices import precision_summary, set_float32_precision
 from r2d2_algo.envs import check_env_id, default_env_threads, epsilon_ladder, frame_stack_of, make_vector_env
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
-from r2d2_algo.limits import PROCESS_BYTES, batch_bytes, check_memory, check_shared_memory, read_limits, usable_cpus
+from r2d2_algo.limits import (PROCESS_BYTES, batch_bytes, check_memory, check_shared_memory, read_limits, size,
+                              usable_cpus)
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
 from r2d2_algo.presets import apply_preset
 from r2d2_algo.processes import skip_final_collection
@@ -1486,7 +1487,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               "are behind; sample wait = seconds the learner waited for batches since the last line", flush=True)
         print(f"run {run_name}: {parameter_count(network):,} parameters, {args.num_actors} actor{'s' if args.num_actors != 1 else ''} × "
               f"{args.num_envs_per_actor} envs{'' if envs_per_actor_given else ' (default)'}, replay "
-              f"{args.buffer_size:,} observations = {replay_bytes / 2**30:.2f} GiB in shared memory, "
+              f"{args.buffer_size:,} observations = {size(shared_bytes)} in shared memory with the weights, "
               f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "
               f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}; learner on {learner_device.type} "
               f"({precision_summary(learner_device, args.amp, args.tf32)}); {limits.cpus} usable CPU"

@@ -995,8 +995,8 @@ class Cluster:
         for role, actor in self.rebuilt.items():
             answer = ray.get(actor.node.remote(), timeout=600)
             self.where[role] = answer[:2]
-            size = f": {answer[2] / 2**30:.2f} GiB" if role.startswith("replay shard") else ""
-            print(f"{role.removeprefix('the ')} on node {answer[0]}{size}", flush=True)
+            memory = f": {size(answer[2])}" if role.startswith("replay shard") else ""
+            print(f"{role.removeprefix('the ')} on node {answer[0]}{memory}", flush=True)
 
     def watch(self) -> list[tuple[str, str, str]]:
         """Every second, ask each role Ray rebuilds where it is. Returns (role, old node, new node)

@@ -8,10 +8,13 @@ followed by every script (CPU only).
   threads), in-process with the affinity mask and the quota replaced;
 - real processes: an affinity mask set with ``os.sched_setaffinity`` (as taskset), a private
   mount namespace with a 64 MiB tmpfs on /dev/shm (Docker's default; ``unshare``, as root), and a
-  real cgroup with a CPU quota and a memory limit where this machine lets the test create one.
+  real cgroup with a CPU quota and a memory limit where this machine lets the test create one;
+- the Dockerfile installs and runs what the README's set-up command does.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,3 +302,23 @@ def test_a_real_cgroup_quota_and_memory_limit(tmp_path):
                 except OSError:
                     import time
                     time.sleep(0.1)
+
+
+def test_the_dockerfile_runs_the_readme_set_up_command():
+    """The Dockerfile (which cannot be built here: no registry) installs with the README's install
+    command and runs the README's main-job command, from the repository root."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Set-up.*?```bash\n(.*?)```", readme, re.S).group(1)
+    first = block.splitlines()[0].split("#")[0].strip()
+    install, main_job = (part.strip() for part in first.split("&&"))
+    assert install == "pip install -r requirements.txt" and main_job == "python r2d2_algo/r2d2_mp.py"
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    instructions = [(line.split(None, 1)[0], line.split(None, 1)[1]) for line in lines]
+    assert ("RUN", install) in instructions
+    cmd = [value for name, value in instructions if name == "CMD"]
+    assert len(cmd) == 1 and json.loads(cmd[0]) == main_job.split()
+    assert ("COPY", ". .") in instructions and ("WORKDIR", "/r2d2") in instructions
+    assert [name for name, _ in instructions].index("RUN") > [name for name, _ in instructions].index("COPY")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"runs", "saved_models", "saved_checkpoints", ".git"} <= set(ignored)

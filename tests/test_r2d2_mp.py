@@ -271,7 +271,7 @@ def test_cartpole_run_end_to_end(tmp_path, inference):
                  "--eval-episodes", "2", "--save-model", "--inference", inference, *SMALL)
     out, err = wait_clean(proc, timeout=300)
     assert proc.returncode == 0, err
-    assert "GiB in shared memory" in out and f"inference {inference}" in out
+    assert "MiB in shared memory with the weights" in out and f"inference {inference}" in out
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
     acc.Reload()
