@@ -1463,7 +1463,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                      f"lower --buffer-size ({fit}), --batch-size or --num-actors")
         check_shared_memory(shared_bytes, f"the replay ({args.buffer_size:,} observations) with the weights",
                             f"or lower --buffer-size ({fit})", limits)
-        torch_threads = max(1, limits.cpus - args.num_actors)
+        # the CPUs the actors leave, at most torch's own count (cores, or OMP_NUM_THREADS)
+        torch_threads = min(torch.get_num_threads(), max(1, limits.cpus - args.num_actors))
     except ValueError as e:
         raise SystemExit(f"r2d2_mp.py: error: {e}") from None
     if checkpoint is not None:

@@ -1479,7 +1479,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         in_flight = object_store_bytes(args, observation_space, network.state_size, frame_stack,
                                        parameter_count(network))
         store_size, limits = max(2 * in_flight, 256 * 2**20), read_limits()
-        torch_threads = max(1, limits.cpus - args.num_actors) if not args.ray_address else limits.cpus
+        # the CPUs the local env workers leave, at most torch's own count (cores, or OMP_NUM_THREADS)
+        torch_threads = min(torch.get_num_threads(),
+                            max(1, limits.cpus - args.num_actors) if not args.ray_address else limits.cpus)
         if not args.ray_address:  # a cluster's nodes are its own: only the embedded Ray is checked here
             roles = args.num_actors + args.num_replay_shards + 2
             others = {"Ray's object store": store_size,
@@ -1524,7 +1526,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{limits.cpus} usable CPU{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
               f"{'env workers = CPUs - 1, ' if args.num_actors == max(1, limits.cpus - 1) else ''}learner "
               f"{torch_threads} torch thread{'s' if torch_threads != 1 else ''}", flush=True)
-        torch.set_num_threads(torch_threads)  # the CPUs the local env workers leave (torch counts cores, not quotas)
+        torch.set_num_threads(torch_threads)  # torch counts cores, not a cgroup CPU quota
         cluster = Cluster(args, run_name, observation_space, n_actions, network.state_size, frame_stack,
                           checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
         cluster.describe()
