@@ -18,7 +18,7 @@ import os
 import yaml
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiment_configs", "presets")
-PRESETS = ("atari", "vector", "small_image")
+PRESETS = ("atari", "atari_fast", "vector", "small_image")
 
 
 def env_family(env_id: str) -> str:

@@ -75,7 +75,7 @@ class Args:
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
-    preset: Literal["auto", "atari", "vector", "small_image", "none"] = "auto"
+    preset: Literal["auto", "atari", "atari_fast", "vector", "small_image", "none"] = "auto"
     """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
 
     # Environment and acting

@@ -105,7 +105,7 @@ class Args:
     """checkpoints include the replay and its priorities (else a resumed run refills it)"""
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
-    preset: Literal["auto", "atari", "vector", "small_image", "none"] = "auto"
+    preset: Literal["auto", "atari", "atari_fast", "vector", "small_image", "none"] = "auto"
     """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
 
     # Environment and acting
@@ -124,6 +124,9 @@ class Args:
     the network acts on another (double buffering); other envs always use 1"""
     env_threads: int = 0
     """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
+    learner_threads: int = 0
+    """the learner's torch CPU threads; 0: the usable CPUs the actors leave (at least 1, at most torch's own
+    count). More helps a CPU learner whose actors wait for it (--min-replay-ratio)"""
     inference: Literal["auto", "local", "central"] = "auto"
     """where the actors' forward passes run: local (each actor its own CPU copy of the network) or central (one
     inference process on the learner's device batches them for all actors, as SEED RL); auto: central when the
@@ -213,7 +216,7 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "inference", "amp", "tf32", "progress_bar")
+                  "max_actor_restarts", "learner_threads", "inference", "amp", "tf32", "progress_bar")
 
 
 def check_args(args: Args) -> None:
@@ -225,7 +228,7 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval",
-                 "num_envs_per_actor", "env_threads", "max_actor_restarts"]:
+                 "num_envs_per_actor", "env_threads", "learner_threads", "max_actor_restarts"]:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.gamma <= 1.0:
@@ -1464,7 +1467,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         check_shared_memory(shared_bytes, f"the replay ({args.buffer_size:,} observations) with the weights",
                             f"or lower --buffer-size ({fit})", limits)
         # the CPUs the actors leave, at most torch's own count (cores, or OMP_NUM_THREADS)
-        torch_threads = min(torch.get_num_threads(), max(1, limits.cpus - args.num_actors))
+        torch_threads = args.learner_threads or min(torch.get_num_threads(), max(1, limits.cpus - args.num_actors))
     except ValueError as e:
         raise SystemExit(f"r2d2_mp.py: error: {e}") from None
     if checkpoint is not None:

@@ -108,7 +108,7 @@ class Args:
     """checkpoints include the replay shards and their priorities (else a resumed run refills them)"""
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
-    preset: Literal["auto", "atari", "vector", "small_image", "none"] = "auto"
+    preset: Literal["auto", "atari", "atari_fast", "vector", "small_image", "none"] = "auto"
     """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
     ray_address: str | None = None
     """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
@@ -143,6 +143,9 @@ class Args:
     the network acts on another (double buffering); other envs always use 1"""
     env_threads: int = 0
     """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
+    learner_threads: int = 0
+    """the learner's torch CPU threads; 0: the usable CPUs the env workers leave (at least 1, at most torch's own
+    count). More helps a CPU learner whose env workers wait for it (--min-replay-ratio)"""
     actor_update_interval: int = 400
     """actor steps (batched forward passes, one per env split) between an actor's weight refreshes
     (paper: 400 steps of an actor's single env); an actor that waited (--min-replay-ratio) also refreshes"""
@@ -229,8 +232,8 @@ class Args:
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
 RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "amp", "tf32", "ray_address", "role_nodes", "samples_in_flight",
-                  "actor_push_interval", "progress_bar", "ray_plasma_directory")
+                  "max_actor_restarts", "learner_threads", "amp", "tf32", "ray_address", "role_nodes",
+                  "samples_in_flight", "actor_push_interval", "progress_bar", "ray_plasma_directory")
 
 
 def role_nodes(args: Args) -> dict[str, str]:
@@ -265,7 +268,7 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ["burn_in_length", "learning_starts", "eval_interval", "eval_episodes", "num_envs_per_actor",
-                 "env_threads", "max_actor_restarts", "checkpoint_interval"]:
+                 "env_threads", "learner_threads", "max_actor_restarts", "checkpoint_interval"]:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 < args.gamma <= 1.0:
@@ -1480,8 +1483,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                                        parameter_count(network))
         store_size, limits = max(2 * in_flight, 256 * 2**20), read_limits()
         # the CPUs the local env workers leave, at most torch's own count (cores, or OMP_NUM_THREADS)
-        torch_threads = min(torch.get_num_threads(),
-                            max(1, limits.cpus - args.num_actors) if not args.ray_address else limits.cpus)
+        torch_threads = args.learner_threads or min(
+            torch.get_num_threads(), max(1, limits.cpus - args.num_actors) if not args.ray_address else limits.cpus)
         if not args.ray_address:  # a cluster's nodes are its own: only the embedded Ray is checked here
             roles = args.num_actors + args.num_replay_shards + 2
             others = {"Ray's object store": store_size,

@@ -578,18 +578,25 @@ def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_short_pong_run_end_to_end(tmp_path):
-    proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--num-actors", "1", "--num-envs-per-actor", "2",
-                 "--total-timesteps", "800", "--buffer-size", "2000", "--learning-starts", "400",
-                 "--burn-in-length", "4", "--sequence-length", "8", "--overlap", "4", "--batch-size", "2",
-                 "--hidden-size", "32", "--torso-size", "32", "--head-hidden-size", "32", "--eval-episodes", "0",
-                 "--replay-ratio", "0.1", "--log-interval", "200")
+def test_short_pong_run_of_the_atari_fast_preset(tmp_path):
+    """The sample-efficient Atari setting (--preset atari_fast, its own network: the paper's) on
+    Pong for 4,000 steps: it starts, learns at its fixed replay ratio of 1 (the actor waits for the
+    learner: about one update of 32 × 40 trained steps per 1,280 steps added), evaluates, stops clean."""
+    proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--preset", "atari_fast", "--num-actors", "1",
+                 "--num-envs-per-actor", "8", "--total-timesteps", "4000", "--eval-interval", "4000",
+                 "--eval-episodes", "1", "--log-interval", "1000", "--no-progress-bar")
     out, err = wait_clean(proc, timeout=300)
     assert proc.returncode == 0, err
+    assert out.startswith("preset atari_fast (--preset") and "replay_ratio=1, min_replay_ratio=1" in out.splitlines()[0]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
     acc.Reload()
-    assert acc.Scalars("charts/learner_updates")[-1].value > 0
+    updates = acc.Scalars("charts/learner_updates")[-1].value
+    trained_per_added = updates * 32 * 40 / (4000 - 400)  # learning starts at a tenth of the steps
+    assert updates >= 2 and 0.6 <= trained_per_added <= 1.5, (updates, trained_per_added)
+    assert 0.6 <= acc.Scalars("replay/replay_ratio")[-1].value <= 1.5
+    assert np.isfinite(acc.Scalars("losses/td_loss")[-1].value)
+    assert -21 <= acc.Scalars("eval/episodic_return")[-1].value <= 21
 
 
 @pytest.mark.parametrize("args, message", [(["--priority-eta", "1.5"], "--priority-eta must be in [0, 1]"),
