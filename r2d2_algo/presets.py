@@ -2,7 +2,7 @@
 with settings that suit the task (R2D2's one setting for all Atari games does not fit CartPole).
 
 A preset is a YAML file in ``experiment_configs/presets/`` (``atari``, ``vector``,
-``small_image``): ``args`` for every script, and ``scripts: {r2d2_mp.py: {...}}`` for one script
+``small_image``, and ``atari_fast``, only by name: Atari in few env steps): ``args`` for every script, and ``scripts: {r2d2_mp.py: {...}}`` for one script
 only (fields another script does not have are skipped). ``--preset auto`` (the default) picks
 by the env's family: ``atari`` for ale-py ids, ``small_image`` for observations that are images
 under 36 pixels a side, ``vector`` for every other observation (after ``envs.adapt_observation``);

@@ -68,6 +68,7 @@ SPECIFIC = {
     "r2d2.py": [(["--num-envs", "0"], "--num-envs must be >= 1"),
                 (["--buffer-size", "100000000000"], "lower --buffer-size")],
     "r2d2_mp.py": [(["--num-actors", "0"], "--num-actors must be >= 1"),
+                   (["--log-interval", "0"], "--log-interval must be >= 1"),
                    (["--replay-ratio", "0.4", "--min-replay-ratio", "2"], "--min-replay-ratio must be in [0, "),
                    (["--buffer-size", "100000000000"], "lower --buffer-size")],
     "r2d2_ray.py": [(["--num-replay-shards", "3", "--num-actors", "2"], "--num-replay-shards (3) must be <= "),

@@ -2,7 +2,9 @@
 here at toy sizes on the CPU (``--device cpu --small``) so that it cannot rot between GPU sessions.
 The short runs of r2d2.py, r2d2_ray.py and r2d2_mp.py --amp are skipped here: on the CPU they are
 what test_r2d2_cli, test_r2d2_ray and test_devices run, and their check is the same helper as the
-central-inference run's, which runs."""
+central-inference run's, which runs. So is the checkpoint → resume → evaluate check: on the CPU it
+is CPU → CPU, what test_checkpoint runs (a resumed run, a saved model evaluated); its runs use the
+same helper too."""
 
 import json
 import subprocess
@@ -15,7 +17,8 @@ CHECKS = ["machine", "precision of each part (learner update)", "r2d2.py", "r2d2
           "learner at the paper batch", "actors through central inference", "whole system on Pong (central inference)"]
 
 
-SKIPPED = ["r2d2.py", "r2d2_mp.py --inference local --amp", "r2d2_ray.py"]
+SKIPPED = ["r2d2.py", "r2d2_mp.py --inference local --amp", "r2d2_ray.py",
+           "checkpoint → resume → evaluate across devices"]
 
 
 def test_gpu_check_small_on_the_cpu_passes_every_check_and_writes_its_table(tmp_path):

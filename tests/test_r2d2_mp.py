@@ -569,21 +569,12 @@ def test_publish_takes_over_a_weights_lock_whose_holder_died():
     assert lock.acquire(timeout=0)  # released after the publication: the actors can read again
 
 
-def test_replay_that_does_not_fit_memory_is_refused(tmp_path):
-    proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--buffer-size", "100000000")
-    out, err = wait_clean(proc, timeout=60)
-    assert proc.returncode == 1
-    lines = err.strip().splitlines()
-    assert "GiB" in lines[-1] and "lower --buffer-size" in lines[-1]
-    assert not (tmp_path / "runs").exists()
-
-
 def test_short_pong_run_of_the_atari_fast_preset(tmp_path):
     """The sample-efficient Atari setting (--preset atari_fast, its own network: the paper's) on
-    Pong for 4,000 steps: it starts, learns at its fixed replay ratio of 1 (the actor waits for the
+    Pong for 3,000 steps: it starts, learns at its fixed replay ratio of 1 (the actor waits for the
     learner: about one update of 32 × 40 trained steps per 1,280 steps added), evaluates, stops clean."""
     proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--preset", "atari_fast", "--num-actors", "1",
-                 "--num-envs-per-actor", "8", "--total-timesteps", "4000", "--eval-interval", "4000",
+                 "--num-envs-per-actor", "8", "--total-timesteps", "3000", "--eval-interval", "3000",
                  "--eval-episodes", "1", "--log-interval", "1000", "--no-progress-bar")
     out, err = wait_clean(proc, timeout=300)
     assert proc.returncode == 0, err
@@ -592,25 +583,11 @@ def test_short_pong_run_of_the_atari_fast_preset(tmp_path):
     acc = EventAccumulator(run_dir)
     acc.Reload()
     updates = acc.Scalars("charts/learner_updates")[-1].value
-    trained_per_added = updates * 32 * 40 / (4000 - 400)  # learning starts at a tenth of the steps
-    assert updates >= 2 and 0.6 <= trained_per_added <= 1.5, (updates, trained_per_added)
-    assert 0.6 <= acc.Scalars("replay/replay_ratio")[-1].value <= 1.5
+    trained_per_added = updates * 32 * 40 / (3000 - 300)  # learning starts at a tenth of the steps
+    assert updates >= 3 and 0.9 <= trained_per_added <= 1.6, (updates, trained_per_added)  # ⌈2,700 / 1,280⌉ = 3
+    assert 0.6 <= acc.Scalars("replay/replay_ratio")[-1].value <= 1.6
     assert np.isfinite(acc.Scalars("losses/td_loss")[-1].value)
     assert -21 <= acc.Scalars("eval/episodic_return")[-1].value <= 21
-
-
-@pytest.mark.parametrize("args, message", [(["--priority-eta", "1.5"], "--priority-eta must be in [0, 1]"),
-                                           (["--num-actors", "0"], "--num-actors must be >= 1"),
-                                           (["--log-interval", "0"], "--log-interval must be >= 1"),
-                                           (["--replay-ratio", "0.4", "--min-replay-ratio", "2"], "--min-replay-ratio must be in [0, "
-                                                                         "--replay-ratio=0.4]")])
-def test_bad_arguments_refused_with_one_line(tmp_path, args, message):
-    proc = start(tmp_path, "--env-id", "CartPole-v1", *args)
-    out, err = wait_clean(proc, timeout=60)
-    assert proc.returncode == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"r2d2_mp.py: error: {message}"), err
-    assert not (tmp_path / "runs").exists()
 
 
 def test_checkpoint_after_sigkill_resumes_the_run(tmp_path):

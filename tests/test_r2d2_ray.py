@@ -244,9 +244,9 @@ def test_sigkilled_driver_leaves_no_ray_process_or_folder(tmp_path, ray_home):
     assert not leftovers()
 
 
-@pytest.mark.parametrize("address, message", [("127.0.0.3:1", "nothing answers at 127.0.0.3:1"),
-                                              ("nonsense", "expected HOST:PORT or auto")])
+@pytest.mark.parametrize("address, message", [("127.0.0.3:1", "nothing answers at 127.0.0.3:1")])
 def test_bad_ray_address_is_one_line(tmp_path, ray_home, address, message):
+    """An address nothing answers at, within seconds (its form: test_bad_inputs)."""
     proc = start(tmp_path, ray_home, "--env-id", "CartPole-v1", "--ray-address", address)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and message in err and len(err.strip().splitlines()) == 1, err
