@@ -1460,7 +1460,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                                                      args.rnn_type),
                   f"{children} processes (actors, evaluator{', inference' if children > args.num_actors + 1 else ''}) "
                   f"× {PROCESS_BYTES // 2**20} MiB": children * PROCESS_BYTES}
-        room = min(limits.shm_bytes or np.inf, limits.memory_bytes - sum(others.values()))
+        room = min(np.inf if limits.shm_bytes is None else limits.shm_bytes, limits.memory_bytes - sum(others.values()))
         fit = f"about {max(0, int(0.9 * args.buffer_size * room / shared_bytes)):,} fit"
         check_memory({"replay in /dev/shm": shared_bytes, **others}, limits,
                      f"lower --buffer-size ({fit}), --batch-size or --num-actors")
