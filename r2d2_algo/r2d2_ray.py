@@ -142,7 +142,7 @@ class Args:
     """Atari: each actor's envs step in this many batches, one stepping in ale-py's C++ threads while
     the network acts on another (double buffering); other envs always use 1"""
     env_threads: int = 0
-    """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the cores shared among the actors"""
+    """Atari: C++ threads per actor stepping its envs (ale-py AtariVectorEnv); 0: the usable CPUs shared among the actors"""
     learner_threads: int = 0
     """the learner's torch CPU threads; 0: the usable CPUs the env workers leave (at least 1, at most torch's own
     count). More helps a CPU learner whose env workers wait for it (--min-replay-ratio)"""

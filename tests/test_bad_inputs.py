@@ -73,6 +73,8 @@ SPECIFIC = {
                    (["--buffer-size", "100000000000"], "lower --buffer-size")],
     "r2d2_ray.py": [(["--num-replay-shards", "3", "--num-actors", "2"], "--num-replay-shards (3) must be <= "),
                     (["--ray-address", "nonsense"], "expected HOST:PORT or auto"),
+                    (["--ray-plasma-directory", "/no/such/folder"], "--ray-plasma-directory '/no/such/folder' is not a "
+                                                                   "writable folder"),
                     (["--role-nodes", "shard=10.0.0.5"], "--role-nodes: 'shard=10.0.0.5' is not ROLE=NODE_IP"),
                     (["--num-actors", "2", "--role-nodes", "env-worker-2=10.0.0.5"], "env-worker-0..1")],
 }
