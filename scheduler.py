@@ -38,9 +38,9 @@ from pathlib import Path
 import tyro
 
 from r2d2_algo.checks import check_writable
-from r2d2_algo.limits import usable_cpus
 from r2d2_algo.experiments import (ConfigError, Run, config_paths, load_configs, log_path, read_record,
                                    record_path, state_dir, write_record)
+from r2d2_algo.limits import usable_cpus
 from r2d2_algo.processes import pid_alive, process_start_time, quiet_if_hung_up
 
 RUNS_DIR = "runs"  # the scripts write runs/{run_name} relative to their working directory

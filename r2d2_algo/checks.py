@@ -7,8 +7,9 @@ factor: training would ascend the loss); the ε ladder's base in (0, 1] and expo
 (Ape-X Sec. 4.1: ε_i = base^(1 + α·i/(N−1)) must stay a probability); priority and
 importance-sampling exponents in [0, 1] (R2D2 Sec. 2.3); an overlap below the sequence length;
 learning that starts within the run; networks whose weights, target copy and Adam moments fit
-half the available memory (``limits.available_memory``: MemAvailable or a cgroup limit); an experiment name that stays inside ``runs/``; output folders (``runs/``,
-``saved_models/``, ``saved_checkpoints/``) that are folders and can be written.
+half the available memory (``limits.available_memory``: MemAvailable or a cgroup limit); an
+experiment name that stays inside ``runs/``; output folders (``runs/``, ``saved_models/``,
+``saved_checkpoints/``) that are folders and can be written.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ import dataclasses
 import math
 import os
 
+import numpy as np
+
 GIB = 2**30
 PROCESS_BYTES = 200 * 2**20  # private memory of one more process that imports torch (measured: 180-290 MiB)
 
@@ -40,6 +42,10 @@ class Limits:
     memory_from: str
     shm_bytes: int | None
     shm_from: str
+
+    def cpus_phrase(self) -> str:
+        """The run line's words: "2 usable CPUs (affinity mask: 2 of 2 cores)"."""
+        return f"{self.cpus} usable CPU{'s' if self.cpus != 1 else ''} ({self.cpus_from})"
 
 
 def read_limits(root: str = "") -> Limits:
@@ -65,15 +71,8 @@ def usable_cpus(root: str = "") -> tuple[int, str]:
 def available_memory(root: str = "") -> tuple[int, str]:
     """(bytes a new allocation of this process can take, where that comes from): MemAvailable,
     or a cgroup memory limit less its use where that leaves less."""
-    available, where = None, "no /proc/meminfo: unknown, not checked"
-    try:
-        with open(root + "/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    where = "MemAvailable of /proc/meminfo"
-    except (OSError, ValueError, IndexError):
-        pass
+    available = _meminfo(root, "MemAvailable")
+    where = "MemAvailable of /proc/meminfo" if available is not None else "no /proc/meminfo: unknown, not checked"
     limit = cgroup_memory(root)
     if limit is not None and (available is None or limit[0] - limit[1] < available):
         available = max(0, limit[0] - limit[1])
@@ -100,7 +99,6 @@ def size(nbytes: float) -> str:
 def batch_bytes(batch_size: int, window_length: int, obs_shape: tuple, obs_dtype) -> int:
     """Bytes of one learner batch of ``batch_size`` windows of ``window_length`` steps: the
     observations as sampled (``obs_dtype``, frames stacked) and their float32 copy in the update."""
-    import numpy as np
     return batch_size * window_length * int(np.prod(obs_shape)) * (np.dtype(obs_dtype).itemsize + 4)
 
 
@@ -215,7 +213,7 @@ def cgroup_memory(root: str = "") -> tuple[int, int, str] | None:
     ``memory.current``, v1 ``memory.usage_in_bytes``, less the inactive page cache of
     ``memory.stat`` (v2 ``inactive_file``, v1 ``total_inactive_file``). v1 writes no limit as a
     number near 2**63; any limit above the machine's memory is no limit."""
-    total = _mem_total(root)
+    total = _meminfo(root, "MemTotal")
     best = None
     for version, folder in cgroup_folders("memory", root):
         names = ("memory.max", "memory.current", "inactive_file") if version == 2 else \
@@ -239,11 +237,12 @@ def cgroup_memory(root: str = "") -> tuple[int, int, str] | None:
     return best
 
 
-def _mem_total(root: str) -> int | None:
+def _meminfo(root: str, key: str) -> int | None:
+    """Bytes of field ``key`` of /proc/meminfo (e.g. "MemAvailable"); None where it cannot be read."""
     try:
         with open(root + "/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass

@@ -582,7 +582,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device} "
           f"({precision_summary(device, args.amp, args.tf32)}), replay "
           f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}"
-          f"; {limits.cpus} usable CPU{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
+          f"; {limits.cpus_phrase()}: "
           f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() != 1 else ''}", flush=True)
 
     start_time = time.time() - progress["elapsed"]

@@ -1458,7 +1458,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                                                        + args.n_step, observation_space.shape, observation_space.dtype),
                   "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
                                                      args.rnn_type),
-                  f"{children} processes (actors, evaluator{', inference' if children > args.num_actors + 1 else ''}) "
+                  f"{children} processes (actors, evaluator{', inference' if args.inference == 'central' else ''}) "
                   f"× {PROCESS_BYTES // 2**20} MiB": children * PROCESS_BYTES}
         room = min(np.inf if limits.shm_bytes is None else limits.shm_bytes, limits.memory_bytes - sum(others.values()))
         fit = f"about {max(0, int(0.9 * args.buffer_size * room / shared_bytes)):,} fit"
@@ -1494,8 +1494,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{args.buffer_size:,} observations = {size(shared_bytes)} in shared memory with the weights, "
               f"{replay.capacity_per_stream:,} per env stream; inference {args.inference} on "
               f"{learner_device.type if args.inference == 'central' else 'the actors (CPU)'}; learner on {learner_device.type} "
-              f"({precision_summary(learner_device, args.amp, args.tf32)}); {limits.cpus} usable CPU"
-              f"{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
+              f"({precision_summary(learner_device, args.amp, args.tf32)}); {limits.cpus_phrase()}: "
               f"{'actors = CPUs - 1, ' if args.num_actors == max(1, limits.cpus - 1) else ''}learner {torch_threads} "
               f"torch thread{'s' if torch_threads != 1 else ''}"
               f"{', %d ale-py threads per actor' % (args.env_threads or default_env_threads(args.num_actors)) if frame_stack > 1 else ''}",

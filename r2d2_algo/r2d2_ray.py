@@ -1415,10 +1415,10 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
         writer.close()
 
 
-def start_ray(args: Args, object_store_memory: int) -> str | None:
+def start_ray(args: Args, object_store_memory: int, num_cpus: int) -> str | None:
     """Join --ray-address, or start a local Ray on loopback (127.0.0.2: Ray replaces 127.0.0.1 by
-    the machine's address) with its files in a temporary folder and an object store of
-    ``object_store_memory`` bytes in /dev/shm. Returns that folder (None when joining). Raises
+    the machine's address) with its files in a temporary folder, ``num_cpus`` CPUs (at least one per
+    env worker) and an object store of ``object_store_memory`` bytes in /dev/shm. Returns that folder (None when joining). Raises
     SystemExit with one line if Ray cannot be reached."""
     try:
         if args.ray_address:
@@ -1442,7 +1442,7 @@ def start_ray(args: Args, object_store_memory: int) -> str | None:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
         try:
             ray.init(_node_ip_address="127.0.0.2", include_dashboard=False, _temp_dir=temp_dir,
-                     num_cpus=max(args.num_actors, usable_cpus()[0]), logging_level="ERROR",
+                     num_cpus=max(args.num_actors, num_cpus), logging_level="ERROR",
                      object_store_memory=object_store_memory, _plasma_directory=args.ray_plasma_directory,
                      _system_config={"worker_niceness": 0},
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(  # this clone's r2d2_algo
@@ -1512,7 +1512,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         run_name = f"{args.env_id.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     temp_dir, reaper, cluster, stop = None, None, None, None
     try:
-        temp_dir = start_ray(args, store_size)
+        temp_dir = start_ray(args, store_size, limits.cpus)
         if temp_dir is not None:  # removes Ray's processes and folder if this process dies first (SIGKILL)
             reaper = subprocess.Popen([sys.executable, processes.__file__, temp_dir,
                                        *processes.descendants(os.getpid())], stdin=subprocess.PIPE,
@@ -1526,7 +1526,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
               f"{in_flight / 2**20:,.1f} MiB in Ray's object store"
               f"{'' if args.ray_address else ' (of %.0f MiB in %s)' % (store_size / 2**20, args.ray_plasma_directory or '/dev/shm')}"
               f"; learner on {learner_device.type} ({precision_summary(learner_device, args.amp, args.tf32)}); "
-              f"{limits.cpus} usable CPU{'s' if limits.cpus != 1 else ''} ({limits.cpus_from}): "
+              f"{limits.cpus_phrase()}: "
               f"{'env workers = CPUs - 1, ' if args.num_actors == max(1, limits.cpus - 1) else ''}learner "
               f"{torch_threads} torch thread{'s' if torch_threads != 1 else ''}", flush=True)
         torch.set_num_threads(torch_threads)  # torch counts cores, not a cgroup CPU quota
