@@ -945,6 +945,7 @@ class Evaluator:
 # them on the driver's node unless told otherwise.
 REBUILT = dict(num_cpus=0, memory=2**20, max_restarts=-1, max_task_retries=-1, concurrency_groups={"where": 1})
 SILENT_AFTER_S = 5.0  # a role that has not answered where it is for this long is named as unreachable
+SETTLE_S = 60.0  # at the end of a run, the longest wait for the roles to say where they are
 
 
 class Cluster:
@@ -1031,6 +1032,24 @@ class Cluster:
                 if role not in self.asking:
                     self.asking[role] = (actor.node.remote(), time.time(), False)
         return rebuilt
+
+    def settle(self, stop: StopRequest) -> list[tuple[str, str, str]]:
+        """The last ``watch`` of a run: waits (up to SETTLE_S seconds, stops seen) until every role Ray
+        rebuilds has answered where it is, so that a role lost in the run's last seconds (its node is
+        declared dead seconds after it goes) is reported and counted, not missed at the exit."""
+        for role, actor in self.rebuilt.items():
+            if role not in self.asking:
+                self.asking[role] = (actor.node.remote(), time.time(), False)
+        refs, deadline = [ref for ref, _, _ in self.asking.values()], time.time() + SETTLE_S
+        while ray.wait(refs, num_returns=len(refs), timeout=1.0)[1]:
+            stop.check()
+            if time.time() > deadline:
+                late = [role for role, (ref, _, _) in self.asking.items() if not ray.wait([ref], timeout=0)[0]]
+                print(f"r2d2_ray.py: {', '.join(late)} had not answered where {'it is' if len(late) == 1 else 'they are'} "
+                      f"{SETTLE_S:.0f} s after the run's last step; not waiting longer", file=sys.stderr, flush=True)
+                break
+        self.watched = time.time()  # no new question
+        return self.watch()
 
     def count_loss(self, what: str, global_step: int, writer: SummaryWriter) -> None:
         """One more loss (an env worker, or a role on a lost node), against --max-actor-restarts:
@@ -1385,6 +1404,8 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
                     progress["next_checkpoint"] += args.checkpoint_interval
                 write_checkpoint()
 
+        for role, old_node, new_node in cluster.settle(stop):  # a loss in the last seconds is reported too
+            rebuilt(role, old_node, new_node)
         if evaluation is not None:
             step, returns = result_of(evaluation, "the last evaluation")
             log_evaluation(writer, returns, step, time.time() - start_time)

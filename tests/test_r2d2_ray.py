@@ -295,6 +295,53 @@ def test_weight_store_publishes_on_request_and_rate_limits():
     asyncio.run(protocol())
 
 
+def test_the_end_of_a_run_waits_for_the_roles_to_say_where_they_are(ray_home, monkeypatch, capsys):
+    """``Cluster.settle``, the last look of a run at the roles Ray rebuilds (an in-process Ray, CPU):
+    a role whose answer comes 2 s after the run's last step from a new incarnation (Ray rebuilt it
+    after its node was lost) is returned as rebuilt, one that answers from its old incarnation is
+    not, and one that never answers is named after SETTLE_S seconds instead of hanging the exit.
+    (Before: the run exited at its last step; a role whose rebuild was answered after it was never
+    reported or counted, as in a CI run where the evaluator lost with its node went unsaid.)"""
+    import types
+
+    import ray
+
+    sys.path.insert(0, str(ROOT / "r2d2_algo"))
+    import r2d2_ray
+
+    class Role:
+        def __init__(self, answer: tuple, delay: float):
+            self.answer, self.delay = answer, delay
+
+        def node(self) -> tuple:
+            time.sleep(self.delay)
+            return self.answer
+
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_home, configure_logging=False, log_to_driver=False)
+    try:
+        role = ray.remote(num_cpus=0)(Role)
+        cluster = object.__new__(r2d2_ray.Cluster)
+        cluster.rebuilt = {"the evaluator": role.remote(("127.0.0.9", "second"), 2.0),
+                           "the weight store": role.remote(("127.0.0.2", "store"), 0.0)}
+        cluster.where = {"the evaluator": ("127.0.0.4", "first"), "the weight store": ("127.0.0.2", "store")}
+        cluster.asking, cluster.watched = {}, 0.0
+        stop = types.SimpleNamespace(check=lambda: None)
+        started = time.time()
+        assert cluster.settle(stop) == [("the evaluator", "127.0.0.4", "127.0.0.9")]
+        assert time.time() - started >= 2.0
+        assert cluster.where["the evaluator"] == ("127.0.0.9", "second") and not cluster.asking
+
+        monkeypatch.setattr(r2d2_ray, "SETTLE_S", 1.0)
+        cluster.rebuilt["the evaluator"] = role.remote(("127.0.0.9", "third"), 600.0)
+        started = time.time()
+        assert cluster.settle(stop) == []
+        assert time.time() - started < 10
+        assert ("the evaluator had not answered where it is 1 s after the run's last step; not waiting longer"
+                in capsys.readouterr().err)
+    finally:
+        ray.shutdown()
+
+
 def test_checkpoint_and_resume(tmp_path, ray_home):
     """SIGTERM writes a final checkpoint (exit 143); --resume continues the same run from its step
     and updates, with the shards' replay; a changed algorithm argument is refused in one line.
