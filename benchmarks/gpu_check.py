@@ -57,6 +57,7 @@ from r2d2_algo.devices import compute_dtypes, float32_precision  # noqa: E402
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector  # noqa: E402
 from r2d2_algo.processes import proc_stat  # noqa: E402
 from r2d2_algo.stopping import StopRequest  # noqa: E402
+from r2d2_algo.storage import later_state_offsets  # noqa: E402
 
 PONG = "PongNoFrameskip-v4"
 
@@ -183,7 +184,10 @@ def precision(device: torch.device, small: bool) -> dict:
         "truncated": torch.zeros(W, B, dtype=torch.bool), "prev_action": torch.tensor(rng.integers(-1, A, (W, B))),
         "prev_reward": torch.tensor(rng.normal(size=(W, B))).float(),
         "initial_state": torch.zeros(B, 2 * width), "weights": torch.ones(B)}
+    offsets = list(later_state_offsets(l, m, m // 2))  # the actor states inside the window, for ΔQ
+    batch["later_states"] = torch.tensor(rng.normal(size=(len(offsets), B, 2 * width))).float()
     batch = {k: v.to(device) for k, v in batch.items()}
+    batch["later_state_offsets"] = offsets
     out = {}
     for amp in (False, True):
         online = RNNQNetwork(space, A, "lstm", width, width, width).to(device)
@@ -193,7 +197,7 @@ def precision(device: torch.device, small: bool) -> dict:
         stop = StopRequest()
         try:
             with compute_dtypes(online) as dtypes:
-                priorities, _ = r2d2_mp.update(online, target, optimizer, batch, args, 1, stop)
+                priorities, stats = r2d2_mp.update(online, target, optimizer, batch, args, 1, stop)
         finally:
             stop.restore()
         low = "bfloat16" if amp else "float32"
@@ -202,6 +206,8 @@ def precision(device: torch.device, small: bool) -> dict:
         out[label] = ", ".join(f"{part} {'/'.join(d)}" for part, d in dtypes.items())
         if dtypes != expected or not np.isfinite(priorities).all():
             raise AssertionError(f"{label}: the parts ran in {dtypes}, expected {expected}")
+        if not (np.isfinite(stats["q_discrepancy_first"]) and np.isfinite(stats["q_discrepancy_last"])):
+            raise AssertionError(f"{label}: the Q discrepancy (ΔQ) is not finite: {stats}")
     before = [(p.device, p.dtype, p.data_ptr()) for p in online.parameters()]
     vector = torch.nn.utils.parameters_to_vector(target.parameters()).detach().cpu().double().numpy()
     load_parameter_vector(online, vector)

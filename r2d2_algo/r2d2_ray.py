@@ -483,7 +483,8 @@ def r2d2_loss(
         loss: scalar tensor with gradient.
         priorities: (B,) tensor, new sequence priorities η·max|δ| + (1−η)·mean|δ| over the valid
             trained steps (storage.sequence_priorities is the numpy reference).
-        stats: 0-dim tensors for logging (td_loss, q_values), on the batch's device.
+        stats: 0-dim tensors for logging (td_loss, q_values; q_discrepancy_first and _last, the
+            paper's ΔQ, when the batch has ``later_states``), on the batch's device.
     """
     l, m = burn_in_length, sequence_length
     obs, prev_action, prev_reward, first = batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"]
@@ -509,7 +510,39 @@ def r2d2_loss(
         priorities = priority_eta * abs_td.max(0).values + (1.0 - priority_eta) * mean_abs_td  # (B,)
         valid = mask.sum().clamp(min=1.0)
         stats = {"td_loss": (0.5 * td.pow(2) * mask).sum() / valid, "q_values": (q_taken * mask).sum() / valid}
+        offsets = batch.get("later_state_offsets", [])
+        if offsets and batch["initial_state"].shape[-1] > 0:  # a recurrent core, and actor states inside the window
+            stats.update(q_discrepancy(q_network, batch, q_online, l, m, offsets))
     return loss, priorities, stats
+
+
+def q_discrepancy(q_network: RNNQNetwork, batch: dict[str, torch.Tensor], q_online: torch.Tensor, l: int, m: int,
+                  offsets: list[int]) -> dict[str, torch.Tensor]:
+    """The paper's measure of recurrent-state staleness and representational drift (R2D2 Sec. 3):
+    ΔQ = ‖q(ŝ_t; θ) − q(s_t; θ)‖₂ / max_{a, t'} |q(ŝ_t'; θ)_a|, where ŝ_t is the state the learner
+    computed (the window's stored state, through the burn-in) and s_t the state the actor had
+    when it acted (stored at the start of a later sequence), both through the learner's network θ;
+    the scale is the largest |Q| of the sequence's trained steps (the paper divides by |max Q|,
+    the same when Q > 0). Averaged over the batch's intact windows, at the first and the last
+    offset of ``offsets`` (storage.later_state_offsets). Call without gradient.
+
+    Args:
+        q_online: (m + n, B, A) the learner's Q-values from window offset l on.
+        offsets: window offsets (≥ l, < l + m) of ``batch["later_states"]`` (J, B, state_size).
+    Returns:
+        {"q_discrepancy_first": 0-dim tensor, "q_discrepancy_last": 0-dim tensor}.
+    """
+    J, B = len(offsets), q_online.shape[1]
+    obs, steps = batch["obs"][offsets], (1, J * B)  # (J, B, *obs_shape): one step from each actor state
+    q_acted, _ = q_network(obs.reshape(1, J * B, *obs.shape[2:]), batch["prev_action"][offsets].reshape(steps),
+                           batch["prev_reward"][offsets].reshape(steps), batch["first"][offsets].reshape(steps),
+                           batch["later_states"].reshape(J * B, -1))
+    q_learner = q_online[[o - l for o in offsets]]  # (J, B, A)
+    scale = q_online[:m].abs().amax(dim=(0, 2)).clamp(min=1e-6)  # (B,)
+    discrepancy = (q_learner - q_acted.float().reshape(q_learner.shape)).norm(dim=-1) / scale  # (J, B)
+    intact = (batch["weights"] > 0).float()  # a window overwritten while it was read has weight 0
+    mean = (discrepancy * intact).sum(1) / intact.sum().clamp(min=1.0)  # (J,)
+    return {"q_discrepancy_first": mean[0], "q_discrepancy_last": mean[-1]}
 
 
 def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int = 1) -> dict[str, torch.Tensor]:
@@ -517,6 +550,9 @@ def batch_to_torch(batch: SequenceBatch, device: torch.device, frame_stack: int 
     names = ["obs", "action", "reward", "first", "terminated", "truncated", "prev_action", "prev_reward",
              "initial_state", "weights"]
     out = {name: torch.as_tensor(getattr(batch, name)).to(device, non_blocking=True) for name in names}
+    if batch.later_states is not None:  # the actor's states inside the window (R2D2 Sec. 3's ΔQ)
+        out["later_states"] = torch.as_tensor(batch.later_states).to(device, non_blocking=True)
+        out["later_state_offsets"] = [int(o) for o in batch.later_state_offsets]
     if frame_stack > 1:
         frame_first = torch.as_tensor(batch.frame_first).to(device, non_blocking=True)
         out["obs"] = stack_frames(out["obs"], frame_first, frame_stack)  # (W, B, stack, H, W)
@@ -571,6 +607,9 @@ def log_scalars(writer: SummaryWriter, global_step: int, updates: int, replay: S
         writer.add_scalar("losses/td_loss", stats["td_loss"], global_step)
         writer.add_scalar("losses/q_values", stats["q_values"], global_step)
         writer.add_scalar("losses/grad_norm", stats["grad_norm"], global_step)
+        if "q_discrepancy_first" in stats:
+            writer.add_scalar("losses/q_discrepancy_first", stats["q_discrepancy_first"], global_step)
+            writer.add_scalar("losses/q_discrepancy_last", stats["q_discrepancy_last"], global_step)
     last.update(time=time.time(), step=global_step, updates=updates, added=replay.num_sequences_added)
     return sps, updates_per_second
 

@@ -41,6 +41,22 @@ from typing import Callable
 import numpy as np
 
 
+def later_state_offsets(burn_in_length: int, sequence_length: int, overlap: int) -> tuple[int, ...]:
+    """Window offsets at which a sampled window also has an actor's stored state inside its trained
+    part: a later sequence starts every period P = sequence_length − overlap, so offsets jP (j ≥ 1)
+    with burn_in_length ≤ jP < burn_in_length + sequence_length; the first and the last of them
+    (one offset if there is one; none when the trained part holds no later start, as with no
+    overlap and no burn-in). The stored state there is the one the actor had when it acted, which
+    the learner's state (recomputed from the window's stored state, through the burn-in) is
+    compared with: R2D2 Sec. 3 measures ΔQ at the first and the last trained step.
+
+    Example: burn-in 8, sequence 16, overlap 8 → (8, 16), the first and the middle trained step.
+    """
+    period = sequence_length - overlap
+    inside = [o for o in range(period, burn_in_length + sequence_length, period) if o >= burn_in_length]
+    return tuple(sorted({inside[0], inside[-1]})) if inside else ()
+
+
 def sequence_priorities(abs_td: np.ndarray, mask: np.ndarray, eta: float) -> np.ndarray:
     """R2D2 sequence priority p = η·max_t|δ_t| + (1 − η)·mean_t|δ_t| (Sec. 2.3).
 
@@ -129,6 +145,11 @@ class SequenceBatch:
             window overwritten while it was read (its weight is 0 too).
         probabilities: (B,) float64, sampling probabilities P(i).
         frame_first: with frame stacking, (h + W, B) bool ``first`` flags of the frames in obs.
+        later_states: (J, B, state_size) float32, the actor's recurrent states entering window
+            offsets ``later_state_offsets`` (the stored states of the later sequences that start
+            inside the trained part; J ≤ 2, see ``later_state_offsets``), to measure how far the
+            learner's recomputed states drift from them (R2D2 Sec. 3, ΔQ).
+        later_state_offsets: (J,) int64 window offsets of ``later_states`` (burn-in included).
     """
 
     obs: np.ndarray
@@ -145,6 +166,8 @@ class SequenceBatch:
     sequence_ids: np.ndarray
     probabilities: np.ndarray
     frame_first: np.ndarray | None = None
+    later_states: np.ndarray | None = None
+    later_state_offsets: np.ndarray | None = None
 
 
 def stack_frames(frames, frame_first, frame_stack: int):
@@ -261,6 +284,7 @@ class SequenceReplayBuffer:
         self.sequence_length = sequence_length
         self.n_step = n_step
         self.period = sequence_length - overlap
+        self.later_state_offsets = later_state_offsets(burn_in_length, sequence_length, overlap)
         self.window_length = burn_in_length + sequence_length + n_step
         per_stream = capacity // num_streams
         self.capacity_per_stream = per_stream - per_stream % self.period
@@ -508,6 +532,11 @@ class SequenceReplayBuffer:
         obs = self.obs[rows, pos_ext]  # (B, h + W, *stored_obs_shape)
         frame_first = self.first[rows, pos_ext].T if h else None
         initial_state = self.stored_state[streams, slots]
+        # the stored states of the sequences k + j starting inside the window: their slot is
+        # overwritten only C steps after their start, later than the window's first step
+        offsets = np.array(self.later_state_offsets, dtype=np.int64)
+        later_states = self.stored_state[streams[None, :], (slots[None, :] + offsets[:, None] // self.period)
+                                         % self.slots_per_stream]  # (J, B, state_size)
         # a writer in another process may have overwritten a window while it was copied: such
         # windows are dropped from the loss. Checked after every read of the window, so that
         # nothing copied after the check can come from a later write. With n steps written, such
@@ -532,6 +561,8 @@ class SequenceReplayBuffer:
             sequence_ids=sequence_ids,
             probabilities=probabilities,
             frame_first=frame_first,
+            later_states=later_states,
+            later_state_offsets=offsets,
         )
 
     def update_priorities(self, indices: np.ndarray, sequence_ids: np.ndarray, priorities: np.ndarray) -> None:

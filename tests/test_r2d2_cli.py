@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,6 +77,9 @@ def test_short_run_trains_logs_evaluates_and_saves(run_script, tmp_path, rnn_typ
     for tag in ["charts/episodic_return", "charts/SPS", "losses/td_loss", "losses/q_values", "losses/grad_norm",
                 "replay/size", "replay/replay_ratio", "charts/updates_per_second", "eval/episodic_return"]:
         assert tag in logged, tag
+    assert ("losses/q_discrepancy_first" in logged) == (rnn_type != "none")  # ΔQ (R2D2 Sec. 3): recurrent cores
+    if rnn_type != "none":
+        assert all(np.isfinite(logged["losses/q_discrepancy_last"])) and max(logged["losses/q_discrepancy_first"]) > 0
     assert logged["charts/learner_updates"][-1] > 0
     (model_path,) = glob.glob(str(tmp_path / "saved_models" / "*" / "model.pt"))
     saved = torch.load(model_path, weights_only=False)

@@ -278,8 +278,10 @@ def test_cartpole_run_end_to_end(tmp_path, inference):
     tags = acc.Tags()["scalars"]
     for tag in ["charts/SPS", "actors/SPS_actor_0", "actors/SPS_actor_1", "charts/updates_per_second",
                 "replay/size", "replay/replay_ratio", "charts/parameter_lag", "charts/sample_wait_seconds",
-                "losses/td_loss", "charts/episodic_return", "eval/episodic_return"]:
+                "losses/td_loss", "losses/q_discrepancy_first", "losses/q_discrepancy_last",
+                "charts/episodic_return", "eval/episodic_return"]:
         assert tag in tags, tag
+    assert acc.Scalars("losses/q_discrepancy_first")[-1].value > 0  # the actors' states are not the learner's
     updates = acc.Scalars("charts/learner_updates")[-1].value
     assert updates > 0
     # actors refresh their weights: the lag stays far below the number of updates

@@ -104,7 +104,8 @@ def test_short_run_on_embedded_ray(tmp_path, ray_home):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for tag in ["charts/SPS", "charts/updates_per_second", "replay/size", "replay/replay_ratio",
-                "charts/parameter_lag", "losses/td_loss", "charts/episodic_return", "eval/episodic_return"]:
+                "charts/parameter_lag", "losses/td_loss", "losses/q_discrepancy_first", "losses/q_discrepancy_last",
+                "charts/episodic_return", "eval/episodic_return"]:
         assert tag in tags, tag
     assert acc.Scalars("charts/learner_updates")[-1].value > 0
     assert not glob.glob(os.path.join(ray_home, "r2d2_ray_*")), "the run's Ray folder was not removed"

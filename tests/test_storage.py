@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from r2d2_algo.storage import SequenceReplayBuffer, SumTree, sequence_priorities
+from r2d2_algo.storage import SequenceReplayBuffer, SumTree, later_state_offsets, sequence_priorities
 
 L, M, N, OVERLAP = 3, 6, 2, 2  # burn-in, sequence length, n-step, overlap -> period 4, window 11
 
@@ -56,6 +56,8 @@ def check_window(rb, ref, batch, b, stream):
     np.testing.assert_array_equal(batch.terminated[:, b], [s["terminated"] for s in window])
     np.testing.assert_array_equal(batch.truncated[:, b], [s["truncated"] for s in window])
     np.testing.assert_array_equal(batch.initial_state[b], window[0]["state"])
+    for j, offset in enumerate(batch.later_state_offsets):  # the actor's states of later sequence starts
+        np.testing.assert_array_equal(batch.later_states[j, b], window[offset]["state"])
     # previous action / reward: from the step before, none (-1, 0) at an episode start
     for t in range(W):
         if window[t]["first"] or (t == 0 and k * P == 0):
@@ -72,6 +74,7 @@ def test_windows_equal_reference_after_many_wraparounds(streams_per_call):
     rb = make_buffer()
     ref = Reference(rb.num_streams)
     assert rb.capacity_per_stream == 24 and rb.window_length == 11 and rb.period == 4
+    assert rb.later_state_offsets == (4, 8)  # the later starts in the trained part [3, 9)
     for _ in range(12):  # each round writes ~60 steps per stream: > 2 wrap-arounds per round
         fill(rb, ref, 60 if streams_per_call is None else 90, rng, streams_per_call)
         batch = rb.sample(32, rng)
@@ -442,3 +445,19 @@ def test_frame_stack_must_fit_the_observation():
         SequenceReplayBuffer(1, 64, (3, 84, 84), np.uint8, 0, L, M, N, OVERLAP, frame_stack=4)
     with pytest.raises(ValueError, match="plus 3 stacked frames"):
         SequenceReplayBuffer(1, 12, (4, 84, 84), np.uint8, 0, L, M, N, OVERLAP, frame_stack=4)
+
+
+@pytest.mark.parametrize("burn_in, sequence, overlap, expected", [
+    (40, 80, 40, (40, 80)),  # the paper's: the first trained step and the middle one
+    (8, 16, 8, (8, 16)),  # this project's defaults
+    (10, 40, 20, (20, 40)),  # --preset atari_fast: trained steps 10 and 30
+    (8, 16, 0, (16,)),  # one later start inside the trained part
+    (0, 16, 0, ()),  # none: windows do not overlap and there is no burn-in
+    (2, 12, 9, (3, 12)),  # several inside: the first and the last
+])
+def test_later_state_offsets_are_the_first_and_last_sequence_starts_in_the_trained_part(burn_in, sequence, overlap,
+                                                                                        expected):
+    assert later_state_offsets(burn_in, sequence, overlap) == expected
+    period = sequence - overlap  # brute force: every start jP (j >= 1) inside [burn_in, burn_in + sequence)
+    inside = [j * period for j in range(1, 100) if burn_in <= j * period < burn_in + sequence]
+    assert expected == tuple(sorted({inside[0], inside[-1]}) if inside else ())

@@ -160,6 +160,43 @@ def test_r2d2_loss_matches_a_brute_force_unroll():
     np.testing.assert_allclose(priorities, sequence_priorities(np.abs(td), mask, eta), rtol=1e-4, atol=1e-6)
 
 
+def test_q_discrepancy_is_zero_on_the_learners_own_states_and_matches_a_brute_force_one():
+    """The paper's ΔQ (R2D2 Sec. 3) in r2d2_loss's stats: 0 when the states inside the window are
+    the ones the learner's own unroll passes through (a network that has not changed since it
+    acted); otherwise ‖q(learner state) − q(actor state)‖₂ / max|Q| of the trained steps, each
+    actor state stepped once through the network, averaged over the windows of weight > 0."""
+    torch.manual_seed(2)
+    rng = np.random.default_rng(2)
+    l, m, n, offsets = 3, 6, 2, [4, 8]  # overlap 2: later starts every 4 steps (storage.later_state_offsets)
+    W, B, A = l + m + n, 5, 3
+    space = gym.spaces.Box(-1, 1, (2,))
+    online, target = RNNQNetwork(space, A, "lstm", 8, 8, 8), RNNQNetwork(space, A, "lstm", 8, 8, 8)
+    batch = make_batch(rng, W, B, 2, A, online.state_size)
+    args = (batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"])
+    with torch.no_grad():
+        q_full, _ = online(*args, batch["initial_state"])
+        states = [batch["initial_state"]]  # the state entering each step, unrolled one step at a time
+        for t in range(W):
+            states.append(online(*(x[t : t + 1] for x in args), states[-1])[1])
+    batch["later_state_offsets"] = offsets
+    batch["later_states"] = torch.stack([states[o] for o in offsets])
+    _, _, stats = r2d2_loss(online, target, batch, l, m, 0.99, n, 1e-3, 0.9)
+    assert stats["q_discrepancy_first"].item() < 1e-6 and stats["q_discrepancy_last"].item() < 1e-6
+
+    batch["later_states"] = torch.tensor(rng.normal(size=(2, B, online.state_size)), dtype=torch.float32)
+    batch["weights"][1] = 0.0  # a window overwritten while it was read: not counted
+    _, _, stats = r2d2_loss(online, target, batch, l, m, 0.99, n, 1e-3, 0.9)
+    for name, j in (("q_discrepancy_first", 0), ("q_discrepancy_last", 1)):
+        o, values = offsets[j], []
+        for b in [0, 2, 3, 4]:
+            with torch.no_grad():
+                q_acted, _ = online(*(x[o : o + 1, b : b + 1] for x in args), batch["later_states"][j, b : b + 1])
+            scale = q_full[l : l + m, b].abs().max().item()
+            values.append(float(np.linalg.norm(q_full[o, b].numpy() - q_acted[0, 0].numpy())) / scale)
+        assert stats[name].item() == pytest.approx(np.mean(values), rel=1e-5)
+    assert stats["q_discrepancy_first"].item() > 0.01
+
+
 def test_burn_in_gets_no_gradient():
     torch.manual_seed(1)
     rng = np.random.default_rng(1)

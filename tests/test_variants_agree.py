@@ -33,6 +33,8 @@ def random_batch(rng, W, B, obs_dim, n_actions, state_size):
         "prev_reward": torch.tensor(rng.normal(size=(W, B)), dtype=torch.float32),
         "initial_state": torch.tensor(rng.normal(size=(B, state_size)), dtype=torch.float32),
         "weights": torch.tensor(rng.uniform(0.1, 1.0, B), dtype=torch.float32),
+        "later_states": torch.tensor(rng.normal(size=(2, B, state_size)), dtype=torch.float32),  # for ΔQ
+        "later_state_offsets": [4, 8],  # burn-in 3, sequence 6, overlap 2
     }
 
 
@@ -56,6 +58,7 @@ def test_losses_priorities_and_gradients_agree(variant, rnn_type):
         results.append((loss.item(), priorities, stats, [p.grad.clone() for p in online.parameters()]))
     (loss_a, prio_a, stats_a, grads_a), (loss_b, prio_b, stats_b, grads_b) = results
     assert loss_a == loss_b and stats_a == stats_b
+    assert ("q_discrepancy_first" in stats_a) == (rnn_type != "none")  # ΔQ needs a recurrent state
     np.testing.assert_array_equal(prio_a, prio_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
