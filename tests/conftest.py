@@ -41,6 +41,18 @@ def device(request) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored_after_each_test():
+    """What a test (or a library it calls in-process) sets in ``os.environ`` is undone after it:
+    an in-process ``ray.init()`` sets ``RAY_AUTH_MODE=token`` in its caller's environment (Ray
+    2.59+), and every later test's ``ray start`` then demanded a token it did not have (CI)."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
 def _cpu_unless_the_test_runs_on_cuda(request, monkeypatch):
     """In the test process, code that asks whether CUDA is there (a script's main, evaluate) hears
     no, unless the test runs on device 'cuda'; then the processes it starts see the GPUs too."""

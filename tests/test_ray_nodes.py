@@ -10,6 +10,7 @@ of it left on the machine."""
 import glob
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,10 +39,13 @@ RUN = ["--env-id", "CartPole-v1", "--num-actors", str(ACTORS), "--num-envs-per-a
        "--total-timesteps", str(TOTAL), "--ray-address", f"{HEAD}:{PORT}"]
 # node death in ~3 s instead of Ray's default ~15 s (README, "Beyond one machine")
 HEALTH = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}'
+# token authentication as the README sets up a cluster: the same token on every node and in the
+# script, stated here rather than inherited from whatever the test process's environment holds
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def ray_cli(home: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_TMPDIR=home, HOME=home)
+    env = dict(os.environ, RAY_TMPDIR=home, HOME=home, **AUTH)
     return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -85,7 +89,8 @@ def cluster():
 def run_and_kill(tmp_path, home: str, placement: str, victim: str, *extra: str, after: str = "step"):
     """Run with roles placed by ``placement``; SIGKILL ``victim``'s raylet at the first progress line
     at KILL_AT steps or more once a line has held ``after``. Returns (exit code, stdout, stderr)."""
-    env = dict(os.environ, RAY_TMPDIR=home, HOME=home, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning")
+    env = dict(os.environ, RAY_TMPDIR=home, HOME=home, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning",
+               **AUTH)
     proc = subprocess.Popen([sys.executable, str(ROOT / "r2d2_algo" / "r2d2_ray.py"), *RUN, "--role-nodes", placement,
                              *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
