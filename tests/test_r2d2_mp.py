@@ -573,21 +573,21 @@ def test_publish_takes_over_a_weights_lock_whose_holder_died():
 
 def test_short_pong_run_of_the_atari_fast_preset(tmp_path):
     """The sample-efficient Atari setting (--preset atari_fast, its own network: the paper's) on
-    Pong for 3,000 steps: it starts, learns at its fixed replay ratio of 1 (the actor waits for the
-    learner: about one update of 32 × 40 trained steps per 1,280 steps added), evaluates, stops clean."""
+    Pong for 3,000 steps: it starts, learns at its fixed replay ratio of 2 (the actor waits for the
+    learner: about one update of 16 × 20 trained steps per 160 steps added), evaluates, stops clean."""
     proc = start(tmp_path, "--env-id", "PongNoFrameskip-v4", "--preset", "atari_fast", "--num-actors", "1",
                  "--num-envs-per-actor", "8", "--total-timesteps", "3000", "--eval-interval", "3000",
                  "--eval-episodes", "1", "--log-interval", "1000", "--no-progress-bar")
     out, err = wait_clean(proc, timeout=300)
     assert proc.returncode == 0, err
-    assert out.startswith("preset atari_fast (--preset") and "replay_ratio=1, min_replay_ratio=1" in out.splitlines()[0]
+    assert out.startswith("preset atari_fast (--preset") and "replay_ratio=2, min_replay_ratio=2" in out.splitlines()[0]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
     acc.Reload()
     updates = acc.Scalars("charts/learner_updates")[-1].value
-    trained_per_added = updates * 32 * 40 / (3000 - 300)  # learning starts at a tenth of the steps
-    assert updates >= 3 and 0.9 <= trained_per_added <= 1.6, (updates, trained_per_added)  # ⌈2,700 / 1,280⌉ = 3
-    assert 0.6 <= acc.Scalars("replay/replay_ratio")[-1].value <= 1.6
+    trained_per_added = updates * 16 * 20 / (3000 - 300)  # learning starts at a tenth of the steps
+    assert updates >= 16 and 1.8 <= trained_per_added <= 2.6, (updates, trained_per_added)  # 2,700 × 2 / 320 ≈ 17
+    assert 1.4 <= acc.Scalars("replay/replay_ratio")[-1].value <= 2.6
     assert np.isfinite(acc.Scalars("losses/td_loss")[-1].value)
     assert -21 <= acc.Scalars("eval/episodic_return")[-1].value <= 21
 
