@@ -23,6 +23,9 @@
   inferred from consecutive observations, so a memoryless Q-network cannot balance well.
   ``CartPoleNoVelocity-RewardScale0.01-v1`` and ``CartPoleNoVelocity-RewardScale100-v1`` are
   the same task with every reward multiplied by 0.01 and 100 (returns at most 5 and 50,000).
+- ``env_kwargs`` (the scripts' ``--env-kwargs``): keyword arguments for the environment's
+  constructor, passed to every env a run builds (``parse_env_kwargs``). For Atari ids only
+  ``ATARI_ENV_KWARGS`` are taken (the rest of the preprocessing is the paper's).
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import functools
 import importlib
 import operator
 import os
+import re
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import yaml
 
 from r2d2_algo.limits import usable_cpus
 
@@ -175,6 +181,42 @@ for env_id, scale in {NO_VELOCITY_CARTPOLE_ID: 1.0, **REWARD_SCALED_IDS}.items()
         )
 
 
+# what --env-kwargs may set for an Atari id: the ALE's own settings (Machado et al. 2018: sticky
+# actions with repeat_action_probability 0.25; the paper: 0 with up to 30 no-op starts)
+ATARI_ENV_KWARGS = ("repeat_action_probability", "full_action_space", "frameskip")  # what ale-py's vector env takes
+
+
+def parse_env_kwargs(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``--env-kwargs`` as a dict: each item ``key:value`` (the value read as YAML: ``30`` an int,
+    ``0.25`` a float, ``true`` a bool, ``[1, 2]`` a list, ``null`` None, other text a string) or a
+    whole YAML/JSON mapping (``{memory_length: 30}``); later items win.
+
+    Raises:
+        ValueError: an item that is neither (one line, naming it).
+    """
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        text = str(item).strip()
+        if text.startswith("{"):
+            try:
+                mapping = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"--env-kwargs {text!r} is not a YAML/JSON mapping: {str(e).splitlines()[0]}") from None
+            if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+                raise ValueError(f"--env-kwargs {text!r} is not a mapping of names to values")
+            kwargs.update(mapping)
+            continue
+        key, colon, value = text.partition(":")
+        if not colon or not key.strip().isidentifier():
+            raise ValueError(f"--env-kwargs {text!r}: expected key:value (e.g. memory_length:30) or a mapping "
+                             "({memory_length: 30})")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--env-kwargs {text!r}: the value is not YAML: {str(e).splitlines()[0]}") from None
+    return kwargs
+
+
 def _spec(env_id: str) -> gym.envs.registration.EnvSpec:
     module, _, name = env_id.rpartition(":")
     if module:
@@ -204,26 +246,49 @@ def is_atari(env_id: str) -> bool:
     return isinstance(entry, str) and entry.startswith("ale_py")
 
 
-def make_env(env_id: str, seed: int | None = None, render_mode: str | None = None, **atari_kwargs) -> gym.Env:
+def _env_kwargs(env_id: str, env_kwargs: tuple[str, ...]) -> dict[str, Any]:
+    """``parse_env_kwargs`` with its errors as UnsupportedEnvError; for Atari, only ATARI_ENV_KWARGS."""
+    try:
+        kwargs = parse_env_kwargs(env_kwargs)
+    except ValueError as e:
+        raise UnsupportedEnvError(str(e)) from None
+    if kwargs and is_atari(env_id):
+        other = sorted(set(kwargs) - set(ATARI_ENV_KWARGS))
+        if other:
+            raise UnsupportedEnvError(f"--env-kwargs {', '.join(other)}: not taken for Atari ids ({env_id!r}); "
+                                      f"these are: {', '.join(ATARI_ENV_KWARGS)}")
+    return kwargs
+
+
+def make_env(env_id: str, seed: int | None = None, render_mode: str | None = None, env_kwargs: tuple[str, ...] = (),
+             **atari_kwargs) -> gym.Env:
     """One environment, with Atari preprocessing for ale-py games (see module docstring) and its
-    observation adapted (``adapt_observation``); ``render_mode="rgb_array"`` for video.
+    observation adapted (``adapt_observation``); ``render_mode="rgb_array"`` for video;
+    ``env_kwargs`` (``--env-kwargs`` items, see ``parse_env_kwargs``) go to the constructor.
 
     Raises:
         UnsupportedEnvError: unknown id or module, an env that does not render when asked, an
-            exception from the env's constructor, or an observation space R2D2 cannot encode.
+            exception from the env's constructor (a keyword it does not take among them), or an
+            observation space R2D2 cannot encode.
     """
     _spec(env_id)
     name = env_id.rpartition(":")[2]
+    kwargs = _env_kwargs(env_id, env_kwargs)
     if is_atari(env_id):
-        return make_atari(name, render_mode=render_mode, **atari_kwargs)
+        return make_atari(name, render_mode=render_mode, **atari_kwargs, **kwargs)
     try:  # envs that take no render_mode keyword are built without one when none is asked for
-        env = gym.make(name, render_mode=render_mode) if render_mode is not None else gym.make(name)
+        env = gym.make(name, render_mode=render_mode, **kwargs) if render_mode is not None else gym.make(name, **kwargs)
     except TypeError as e:
         if render_mode is not None and "render_mode" in str(e):
             raise UnsupportedEnvError(f"{env_id!r} cannot render (its constructor takes no render_mode)") from None
+        rejected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if kwargs and rejected:
+            raise UnsupportedEnvError(f"--env-kwargs: {env_id!r} takes no argument {rejected.group(1)!r} "
+                                      f"(it was given {', '.join(sorted(kwargs))})") from None
         raise UnsupportedEnvError(f"{env_id!r} failed to build: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - the env's own constructor: any error becomes one line
-        raise UnsupportedEnvError(f"{env_id!r} failed to build: {_first_line(e)}") from None
+        with_kwargs = f" with --env-kwargs {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
+        raise UnsupportedEnvError(f"{env_id!r} failed to build{with_kwargs}: {_first_line(e)}") from None
     env, _ = adapt_observation(env)
     if seed is not None:
         env.action_space.seed(seed)
@@ -235,8 +300,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAMES,
-               render_mode: str | None = None) -> gym.Env:
+               render_mode: str | None = None, frameskip: int = 4, full_action_space: bool = True,
+               **ale_kwargs) -> gym.Env:
     """Atari as in R2D2 Table 2: full action set, 84×84 gray, skip 4 + max-pool, stack 4.
+    ``frameskip``, ``full_action_space`` and ``ale_kwargs`` (repeat_action_probability: see
+    ATARI_ENV_KWARGS) change the ALE's settings (``--env-kwargs``).
 
     Returns observations (4, 84, 84) uint8; rewards unclipped; lives ignored; episodes
     truncated after ``max_frames`` emulator frames.
@@ -244,12 +312,13 @@ def make_atari(env_id: str, noop_max: int = 30, max_frames: int = ATARI_MAX_FRAM
     env = gym.make(
         env_id,
         frameskip=1,  # AtariPreprocessing does the skipping and max-pooling
-        full_action_space=True,
+        full_action_space=full_action_space,
         max_episode_steps=max_frames,  # counted in raw frames because frameskip=1
         render_mode=render_mode,
+        **ale_kwargs,
     )
     env = gym.wrappers.AtariPreprocessing(
-        env, noop_max=noop_max, frame_skip=4, screen_size=84, terminal_on_life_loss=False,
+        env, noop_max=noop_max, frame_skip=frameskip, screen_size=84, terminal_on_life_loss=False,
         grayscale_obs=True, scale_obs=False,
     )
     # zero padding at an episode start, as the replay rebuilds stacks (storage.stack_frames)
@@ -261,7 +330,7 @@ def frame_stack_of(env_id: str) -> int:
     return ATARI_FRAME_STACK if is_atari(env_id) else 1
 
 
-def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]:
+def check_env_id(env_id: str, quiet: bool = False, env_kwargs: tuple[str, ...] = ()) -> tuple[gym.spaces.Box, int]:
     """Validate that R2D2 can run ``env_id`` (built and reset once per process: the answer is
     kept, so the preset's family check and the script's own check build it once); return its
     (adapted) observation space and action count. Prints the notes of ``adapt_observation``
@@ -271,7 +340,7 @@ def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]
         UnsupportedEnvError: unknown id, an env whose constructor or first reset raises, an
             observation R2D2 cannot encode, or actions not Discrete; the message names what.
     """
-    obs_space, n_actions, notes = _inspect_env(env_id)
+    obs_space, n_actions, notes = _inspect_env(env_id, tuple(env_kwargs))
     if not quiet:
         for note in notes:
             print(f"note: {env_id}: {note}", flush=True)
@@ -279,9 +348,9 @@ def check_env_id(env_id: str, quiet: bool = False) -> tuple[gym.spaces.Box, int]
 
 
 @functools.lru_cache(maxsize=16)
-def _inspect_env(env_id: str) -> tuple[gym.spaces.Box, int, tuple[str, ...]]:
-    """``check_env_id``'s work, once per id (a raised error is not kept)."""
-    env = make_env(env_id)
+def _inspect_env(env_id: str, env_kwargs: tuple[str, ...] = ()) -> tuple[gym.spaces.Box, int, tuple[str, ...]]:
+    """``check_env_id``'s work, once per id and env_kwargs (a raised error is not kept)."""
+    env = make_env(env_id, env_kwargs=env_kwargs)
     try:
         obs_space, act_space = env.observation_space, env.action_space
         try:
@@ -315,7 +384,8 @@ def default_env_threads(num_processes: int) -> int:
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
-                    num_threads: int = 0, thread_niceness: int = 0) -> gym.vector.VectorEnv:
+                    num_threads: int = 0, thread_niceness: int = 0,
+                    env_kwargs: tuple[str, ...] = ()) -> gym.vector.VectorEnv:
     """``num_envs`` copies with NEXT_STEP autoreset, env i seeded ``seed + i``.
 
     NEXT_STEP autoreset is what storage.py expects: a final observation is returned with its
@@ -331,13 +401,15 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
     most one per core). ``thread_niceness`` > 0 lowers their scheduling priority below the
     caller's by that much (Linux), so that the thread running the policy is not preempted by
     envs that are only running ahead.
-    Other ids use gymnasium's SyncVectorEnv (``num_splits`` must be 1).
+    Other ids use gymnasium's SyncVectorEnv (``num_splits`` must be 1). ``env_kwargs``: as
+    ``make_env``'s, for every env.
 
     Raises:
         ValueError: ``num_splits`` does not divide ``num_envs``, or is > 1 for a non-Atari id.
     """
     if num_splits < 1 or num_envs % num_splits:
         raise ValueError(f"env splits ({num_splits}) must divide the envs per actor ({num_envs})")
+    kwargs = _env_kwargs(env_id, env_kwargs)
     if is_atari(env_id):
         from ale_py.vector_env import AtariVectorEnv
 
@@ -346,8 +418,10 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
         vec = AtariVectorEnv(
             spec.kwargs["game"], num_envs, batch_size=num_envs // num_splits, num_threads=num_threads,
             max_num_frames_per_episode=ATARI_MAX_FRAMES,
-            repeat_action_probability=spec.kwargs.get("repeat_action_probability", 0.0),
-            full_action_space=True, stack_num=ATARI_FRAME_STACK, frameskip=4, maxpool=True, noop_max=30,
+            repeat_action_probability=kwargs.get("repeat_action_probability",
+                                                 spec.kwargs.get("repeat_action_probability", 0.0)),
+            full_action_space=kwargs.get("full_action_space", True), stack_num=ATARI_FRAME_STACK,
+            frameskip=kwargs.get("frameskip", 4), maxpool=True, noop_max=30,
             episodic_life=False, reward_clipping=False, use_fire_reset=False,
         )
         vec.action_space.seed(seed)
@@ -362,7 +436,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, num_splits: int = 1,
     if num_splits != 1:
         raise ValueError(f"env splits > 1 need an Atari env (ale-py's AtariVectorEnv), not {env_id!r}")
     # partial, not lambda: the vector env pickles (checkpoints save it to resume bit for bit)
-    vec = gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed + i) for i in range(num_envs)],
+    vec = gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed + i, env_kwargs=tuple(env_kwargs))
+                                    for i in range(num_envs)],
                                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     vec.action_space.seed(seed)
     return vec

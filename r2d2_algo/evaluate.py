@@ -40,9 +40,9 @@ deterministic loops."""
 EVAL_SEED_OFFSET = 10_000  # evaluation envs use seed + 10,000, apart from the training envs
 
 
-def _video_env(env_id: str, index: int, video_folder: str) -> gym.Env:
+def _video_env(env_id: str, index: int, video_folder: str, env_kwargs: tuple[str, ...] = ()) -> gym.Env:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame renders off-screen (no display needed)
-    env = make_env(env_id, render_mode="rgb_array")
+    env = make_env(env_id, render_mode="rgb_array", env_kwargs=env_kwargs)
     with warnings.catch_warnings():  # every env but the first finds the folder made: not an overwrite
         warnings.filterwarnings("ignore", message=".*Overwriting existing videos.*")
         # NEXT_STEP autoreset starts a second episode after the first ends: record the first only
@@ -59,6 +59,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     epsilon: float = 0.0,
     video_folder: str | None = None,
+    env_kwargs: tuple[str, ...] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Play ``num_episodes`` episodes side by side, one per environment, acting
     ε-greedily (ε = 0: greedy) on the network's Q-values with its recurrent state carried
@@ -67,14 +68,16 @@ def evaluate(
     Args:
         seed: env i is reset with seed + i; exploration draws from a Generator seeded ``seed``.
         video_folder: if given, one mp4 per episode ``episode-{i}-episode-0.mp4`` is written there.
+        env_kwargs: ``--env-kwargs`` items for the env's constructor (envs.parse_env_kwargs).
     Returns:
         returns: (num_episodes,) float64 undiscounted episodic returns.
         lengths: (num_episodes,) int64 episode lengths in agent steps.
     """
     if video_folder is None:
-        envs = make_vector_env(env_id, num_episodes, seed)
+        envs = make_vector_env(env_id, num_episodes, seed, env_kwargs=env_kwargs)
     else:
-        envs = gym.vector.SyncVectorEnv([lambda i=i: _video_env(env_id, i, video_folder) for i in range(num_episodes)],
+        envs = gym.vector.SyncVectorEnv([lambda i=i: _video_env(env_id, i, video_folder, env_kwargs)
+                                         for i in range(num_episodes)],
                                         autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     rng = np.random.default_rng(seed)
     was_training = q_network.training
@@ -127,12 +130,14 @@ def run_dir_name(model_path: str) -> str:
 
 def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = EVAL_EPSILON,
                          seed: int | None = None, env_id: str | None = None, capture_video: bool = False,
-                         output: str | None = None, device: torch.device | str = "cpu") -> dict:
+                         output: str | None = None, device: torch.device | str = "cpu",
+                         env_kwargs: tuple[str, ...] | None = None) -> dict:
     """Load a saved model, play ``episodes`` episodes, write the results as JSON and return them.
 
     Args:
         seed: evaluation seed (default: the training seed + 10,000, as the training scripts).
         env_id: environment (default: the model's); another id must have the same spaces.
+        env_kwargs: ``--env-kwargs`` items for its constructor (default: the model's run's).
         capture_video: record one mp4 per episode under videos/{run_name}/ (episode-{i}.mp4).
         output: JSON path (default: eval.json next to the model, the training run's final evaluation).
     Returns:
@@ -149,8 +154,10 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
 
     q_network, info = load_model(model_path, device)
     env_id = info["env_id"] if env_id is None else env_id
-    if env_id != info["env_id"]:
-        observation_space, n_actions = check_env_id(env_id)
+    trained_kwargs = tuple(info["args"].get("env_kwargs", ()))
+    env_kwargs = trained_kwargs if env_kwargs is None else tuple(env_kwargs)
+    if env_id != info["env_id"] or env_kwargs != trained_kwargs:
+        observation_space, n_actions = check_env_id(env_id, env_kwargs=env_kwargs)
         trained = info["observation_space"]
         if observation_space.shape != trained.shape or n_actions != info["n_actions"]:
             raise UnsupportedEnvError(
@@ -168,9 +175,9 @@ def evaluate_saved_model(model_path: str, episodes: int = 10, epsilon: float = E
     seed = info["args"]["seed"] + EVAL_SEED_OFFSET if seed is None else seed
     video_folder = os.path.join("videos", run_dir_name(model_path)) if capture_video else None
     start = time.time()
-    returns, lengths = evaluate(q_network, env_id, episodes, seed, device, epsilon, video_folder)
+    returns, lengths = evaluate(q_network, env_id, episodes, seed, device, epsilon, video_folder, env_kwargs)
     result = {
-        "model": model_path, "env_id": env_id, "episodes": episodes, "epsilon": epsilon, "seed": seed,
+        "model": model_path, "env_id": env_id, "env_kwargs": list(env_kwargs), "episodes": episodes, "epsilon": epsilon, "seed": seed,
         "mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
         "lengths": lengths.tolist(), "seconds": time.time() - start,
         "videos": _rename_videos(video_folder) if video_folder else [],
@@ -200,6 +207,9 @@ class Args:
     """evaluation seed (default: the training seed + 10,000, as the training scripts' evaluations)"""
     env_id: str | None = None
     """environment (default: the model's); another id must have the same observation and action spaces"""
+    env_kwargs: tuple[str, ...] | None = None
+    """keyword arguments for the environment's constructor, as the training scripts' --env-kwargs (default: the
+    model's run's)"""
     capture_video: bool = False
     """record one mp4 per episode under videos/{run_name}/"""
     output: str | None = None
@@ -215,7 +225,7 @@ def main(args: Args) -> None:
     try:
         output = args.output or os.path.join(os.path.dirname(args.model), "evaluate.json")
         result = evaluate_saved_model(args.model, args.episodes, args.epsilon, args.seed, args.env_id,
-                                      args.capture_video, output, device)
+                                      args.capture_video, output, device, args.env_kwargs)
     except ValueError as e:  # CheckpointError, UnsupportedEnvError: one line
         raise SystemExit(f"evaluate.py: error: {e}") from None
     except OSError as e:  # an output or video folder that cannot be written (read-only, full disk)

@@ -127,10 +127,13 @@ def flag(name: str) -> str:
 
 def to_argv(values: dict) -> list[str]:
     """Command-line arguments of tyro for field values: `--name value`, `--flag`/`--no-flag`,
-    `--name v1 v2` for lists."""
+    `--name v1 v2` for lists, `--name key:value ...` for a mapping (`env_kwargs: {memory_length: 30}`;
+    each value written as JSON, which YAML reads back as the same value)."""
     argv = []
     for name, value in values.items():
-        if isinstance(value, bool):
+        if isinstance(value, dict):
+            argv += [flag(name), *(f"{key}:{json.dumps(item)}" for key, item in value.items())]
+        elif isinstance(value, bool):
             argv.append(flag(name) if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, (list, tuple)):
             argv += [flag(name), *map(str, value)]
@@ -182,6 +185,8 @@ def _check_name(name: str, where: str, fields: dict, script: str, path: str) -> 
 
 
 def _slug(value: Any) -> str:
+    if isinstance(value, dict):
+        return "_".join(f"{_slug(k)}={_slug(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return "_".join(map(_slug, value))
     return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))
@@ -316,15 +321,15 @@ def validate_config(config: Any, path: str = "<config>", root: str | Path = ".")
                     check_args(parsed)
                 except ValueError as e:
                     raise ConfigError(f"{path}: run {run_id}: {e}") from None
-            env_id = getattr(parsed, "env_id", None)
-            if isinstance(env_id, str) and env_id not in checked_env_ids:  # built and reset once, as the run will
+            env_id, env_kwargs = getattr(parsed, "env_id", None), tuple(getattr(parsed, "env_kwargs", ()))
+            if isinstance(env_id, str) and (env_id, env_kwargs) not in checked_env_ids:  # built and reset once
                 from r2d2_algo.envs import check_env_id
 
                 try:
-                    check_env_id(env_id, quiet=True)
+                    check_env_id(env_id, quiet=True, env_kwargs=env_kwargs)
                 except ValueError as e:
                     raise ConfigError(f"{path}: run {run_id}: --env-id: {e}") from None
-                checked_env_ids.add(env_id)
+                checked_env_ids.add((env_id, env_kwargs))
             actors = getattr(parsed, "num_actors", None)  # r2d2_mp.py: actor processes + the learner
             run_slots = slots if slots is not None else actors + 1 if isinstance(actors, int) else 1
             runs.append(Run(run_id=run_id, config_name=name, config_path=str(path), script=script,

@@ -21,8 +21,8 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 PRESETS = ("atari", "atari_fast", "vector", "small_image")
 
 
-def env_family(env_id: str) -> str:
-    """``atari``, ``small_image`` or ``vector`` for ``env_id``.
+def env_family(env_id: str, env_kwargs: tuple[str, ...] = ()) -> str:
+    """``atari``, ``small_image`` or ``vector`` for ``env_id`` (built with ``env_kwargs``).
 
     Raises:
         UnsupportedEnvError: as ``envs.check_env_id``.
@@ -32,7 +32,7 @@ def env_family(env_id: str) -> str:
 
     if is_atari(env_id):
         return "atari"
-    space, _ = check_env_id(env_id, quiet=True)
+    space, _ = check_env_id(env_id, quiet=True, env_kwargs=env_kwargs)
     if len(space.shape) == 3:
         h, w = space.shape[:2] if image_layout(space.shape) == "hwc" else space.shape[1:]
         if min(h, w) < SMALL_IMAGE:
@@ -76,7 +76,7 @@ def apply_preset(args, argv: list[str] | None, script: str):
         return args
     name, why = args.preset, "--preset"
     if name == "auto":
-        name, why = env_family(args.env_id), "auto, by env family"
+        name, why = env_family(args.env_id, getattr(args, "env_kwargs", ())), "auto, by env family"
     fields = {f.name for f in dataclasses.fields(args)}
     values = {k: v for k, v in preset_values(name, script).items() if k in fields}
     defaults = type(args)()

@@ -80,7 +80,12 @@ class Args:
 
     # Environment and acting
     env_id: str = "CartPole-v1"
-    """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
+    """gymnasium id with Discrete actions (any observation space R2D2 can encode: README, "Which environments");
+    `module:EnvId` imports module first"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments for the environment's constructor (gym.make), for every env of the run: key:value
+    items, values read as YAML (memory_length:30, repeat_action_probability:0.25), or one mapping
+    ('{memory_length: 30}'); Atari ids take repeat_action_probability, full_action_space, frameskip"""
     total_timesteps: int = 100_000
     """total environment steps (summed over all envs)"""
     num_envs: int = 8
@@ -546,7 +551,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
         check_args(args)
-        observation_space, n_actions = check_env_id(args.env_id)
+        observation_space, n_actions = check_env_id(args.env_id, env_kwargs=args.env_kwargs)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
         replay_kwargs = dict(
             num_streams=args.num_envs, capacity=args.buffer_size, obs_shape=observation_space.shape,
@@ -580,7 +585,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     set_float32_precision(args.tf32)  # on CUDA: TF32 or IEEE float32 (--tf32)
     torch.set_num_threads(min(torch.get_num_threads(), limits.cpus))  # torch counts cores, not a cgroup CPU quota
     q_network, target_network, optimizer = make_learner(args, observation_space, n_actions, device)
-    envs = make_vector_env(args.env_id, args.num_envs, args.seed)
+    envs = make_vector_env(args.env_id, args.num_envs, args.seed, env_kwargs=args.env_kwargs)
     epsilons = epsilon_ladder(args.num_envs, args.epsilon_base, args.epsilon_alpha)  # (E,) one rung per env
     actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed, device)
 
@@ -595,7 +600,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 envs = actor.envs = unpickle_envs(checkpoint["envs"])
                 actor.load_state_dict(from_storable(checkpoint["actor"]))
             else:  # envs that cannot be saved (ale-py) start new episodes; the replay's streams are cut there
-                envs = make_vector_env(args.env_id, args.num_envs, args.seed + progress["global_step"])
+                envs = make_vector_env(args.env_id, args.num_envs, args.seed + progress["global_step"],
+                                       env_kwargs=args.env_kwargs)
                 actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed + progress["global_step"], device)
                 replay.truncate_streams()
                 print("the envs could not be saved in the checkpoint (e.g. ale-py's): new episodes start here")
@@ -667,7 +673,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             if args.eval_episodes > 0 and progress["next_eval"] is not None and global_step >= progress["next_eval"] \
                     and not final_step:
                 returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
-                                      args.eval_epsilon)
+                                      args.eval_epsilon, env_kwargs=args.env_kwargs)
                 log_evaluation(writer, returns, global_step, time.time() - start_time)
                 progress["evaluated_at"] = updates
                 tqdm.write(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
@@ -687,7 +693,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                                     time.time() - start_time, device)
         elif args.eval_episodes > 0 and progress["evaluated_at"] != updates:  # final weights not evaluated yet
             returns, _ = evaluate(q_network, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, device,
-                                  args.eval_epsilon)
+                                  args.eval_epsilon, env_kwargs=args.env_kwargs)
             log_evaluation(writer, returns, global_step, time.time() - start_time)
             tqdm.write(f"step {global_step:,}: eval return {returns.mean():.1f} ± {returns.std():.1f} "
                        f"({time.time() - start_time:.0f}s, {updates:,} updates)")

@@ -110,7 +110,12 @@ class Args:
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
-    """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
+    """gymnasium id with Discrete actions (any observation space R2D2 can encode: README, "Which environments");
+    `module:EnvId` imports module first"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments for the environment's constructor (gym.make), for every env of the run: key:value
+    items, values read as YAML (memory_length:30, repeat_action_probability:0.25), or one mapping
+    ('{memory_length: 30}'); Atari ids take repeat_action_probability, full_action_space, frameskip"""
     total_timesteps: int = 10_000_000
     """total environment steps (summed over all envs)"""
     num_actors: int = dataclasses.field(default_factory=lambda: max(1, usable_cpus()[0] - 1))
@@ -911,8 +916,8 @@ def actor(actor_id: int, args: Args, layout: dict, replay_kwargs: dict, weights_
         splits = args.env_splits if frame_stack_of(args.env_id) > 1 else 1
         # with splits, the env threads run ahead in the background: the policy thread comes first
         threads = args.env_threads or default_env_threads(args.num_actors)
-        envs = make_vector_env(args.env_id, E, seed, num_splits=splits, num_threads=threads,
-                               thread_niceness=10 if splits > 1 else 0)  # built while the learner starts
+        envs = make_vector_env(args.env_id, E, seed, num_splits=splits, num_threads=threads,  # built while the
+                               thread_niceness=10 if splits > 1 else 0, env_kwargs=args.env_kwargs)  # learner starts
         if not wait_for_weights(arrays, parent_pid, stop_event):  # (and, resuming, restores the replay)
             return
         streams = actor_id * E + np.arange(E)
@@ -994,7 +999,7 @@ def evaluator(args: Args, layout: dict, weights_lock, requests, results, error_q
                 return
             weights_version = load_published_weights(net, arrays["weights"], arrays["weights_version"], weights_lock)
             returns, _ = evaluate(net, args.env_id, args.eval_episodes, args.seed + EVAL_SEED_OFFSET, "cpu",
-                                  args.eval_epsilon)
+                                  args.eval_epsilon, env_kwargs=args.env_kwargs)
             results.put((global_step, weights_version, returns))
     except Exception:
         error_queue.put(("evaluator", traceback.format_exc()))
@@ -1477,7 +1482,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
         check_args(args)
-        observation_space, n_actions = check_env_id(args.env_id)
+        observation_space, n_actions = check_env_id(args.env_id, env_kwargs=args.env_kwargs)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
         envs_per_actor_given = args.num_envs_per_actor > 0
         args = dataclasses.replace(args, num_envs_per_actor=resolve_envs_per_actor(args, frame_stack))

@@ -122,7 +122,12 @@ class Args:
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
-    """gymnasium id with a Box observation and Discrete actions; `module:EnvId` imports module first"""
+    """gymnasium id with Discrete actions (any observation space R2D2 can encode: README, "Which environments");
+    `module:EnvId` imports module first"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments for the environment's constructor (gym.make), for every env of the run: key:value
+    items, values read as YAML (memory_length:30, repeat_action_probability:0.25), or one mapping
+    ('{memory_length: 30}'); Atari ids take repeat_action_probability, full_action_space, frameskip"""
     total_timesteps: int = 10_000_000
     """total environment steps (summed over all envs)"""
     num_actors: int = dataclasses.field(default_factory=lambda: max(1, usable_cpus()[0] - 1))
@@ -898,7 +903,8 @@ class EnvWorker:
         frame_stack = frame_stack_of(args.env_id)
         splits = args.env_splits if frame_stack > 1 else 1
         envs = make_vector_env(args.env_id, E, seed, num_splits=splits,
-                               num_threads=args.env_threads or 1, thread_niceness=10 if splits > 1 else 0)
+                               num_threads=args.env_threads or 1, thread_niceness=10 if splits > 1 else 0,
+                               env_kwargs=args.env_kwargs)
         epsilons = epsilon_ladder(args.num_actors * E, args.epsilon_base, args.epsilon_alpha)[worker_id * E + np.arange(E)]
         self.net = make_network(args, observation_space, n_actions)
         self.block = StepBlock(frame_stack)
@@ -973,7 +979,7 @@ class Evaluator:
     def evaluate(self, weights: list, step: int) -> tuple[int, np.ndarray]:
         load_parameter_vector(self.net, ray.get(weights[0]))
         returns, _ = evaluate(self.net, self.args.env_id, self.args.eval_episodes, self.args.seed + EVAL_SEED_OFFSET,
-                              "cpu", self.args.eval_epsilon)
+                              "cpu", self.args.eval_epsilon, env_kwargs=self.args.env_kwargs)
         return step, np.asarray(returns, dtype=np.float64)
 
 
@@ -1523,7 +1529,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
         args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
         check_args(args)
-        observation_space, n_actions = check_env_id(args.env_id)
+        observation_space, n_actions = check_env_id(args.env_id, env_kwargs=args.env_kwargs)
         frame_stack = frame_stack_of(args.env_id)
         if args.num_envs_per_actor == 0:
             args = dataclasses.replace(args, num_envs_per_actor=64 if frame_stack > 1 else 8)
