@@ -8,7 +8,8 @@ factor: training would ascend the loss); the ε ladder's base in (0, 1] and expo
 importance-sampling exponents in [0, 1] (R2D2 Sec. 2.3); an overlap below the sequence length;
 learning that starts within the run; networks whose weights, target copy and Adam moments fit
 half the available memory (``limits.available_memory``: MemAvailable or a cgroup limit); an
-experiment name that stays inside ``runs/``; output folders (``runs/``, ``saved_models/``,
+experiment name that stays inside ``runs/``; ``--track`` with wandb installed and
+``--capture-video`` with ``--save-model`` (``tracking.check_tracking``); output folders (``runs/``, ``saved_models/``,
 ``saved_checkpoints/``) that are folders and can be written.
 """
 
@@ -19,6 +20,7 @@ import os
 import re
 
 from r2d2_algo.limits import available_memory, size
+from r2d2_algo.tracking import check_tracking
 
 SEED_LIMIT = 2**32
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+-]*")
@@ -79,6 +81,7 @@ def check_common_args(args) -> None:
                              f"--head-hidden-size {args.head_hidden_size} need at least {size(need)} of memory for "
                              f"the networks and Adam (4 float32 copies of the weights), more than half of the "
                              f"{size(free)} available ({where})")
+    check_tracking(args)  # --track needs wandb; --capture-video the saved model's evaluation
     check_writable("runs")  # the folders the run will write, relative to the working directory
     if getattr(args, "save_model", False):
         check_writable("saved_models")

@@ -85,6 +85,7 @@ from r2d2_algo.processes import skip_final_collection
 from r2d2_algo.shared import SharedArrays, start_resource_tracker
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
 from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
+from r2d2_algo.tracking import finish_tracking, log_videos, start_tracking
 
 
 @dataclass
@@ -99,6 +100,14 @@ class Args:
     """if toggled and CUDA is available, the learner runs on the GPU"""
     save_model: bool = False
     """save the model to `saved_models/{run_name}/model.pt` at the end and evaluate it as evaluate.py does"""
+    capture_video: bool = False
+    """record the final evaluation of the saved model (--save-model) as one mp4 per episode under `videos/{run_name}/`"""
+    track: bool = False
+    """sync the run to Weights & Biases: its tensorboard scalars, arguments and --capture-video videos (needs wandb)"""
+    wandb_project_name: str = "r2d2"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user) of --track (None: your default entity)"""
     checkpoint_interval: int = 0
     """env steps between checkpoints to `saved_checkpoints/{run_name}/` (0: none; else Ctrl-C/SIGTERM/SIGHUP write one too)"""
     checkpoint_replay: bool = True
@@ -110,12 +119,9 @@ class Args:
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
-    """gymnasium id with Discrete actions (any observation space R2D2 can encode: README, "Which environments");
-    `module:EnvId` imports module first"""
+    """gymnasium id with Discrete actions and any observation space R2D2 can encode (README, "Which environments"); `module:EnvId` imports module first"""
     env_kwargs: tuple[str, ...] = ()
-    """keyword arguments for the environment's constructor (gym.make), for every env of the run: key:value
-    items, values read as YAML (memory_length:30, repeat_action_probability:0.25), or one mapping
-    ('{memory_length: 30}'); Atari ids take repeat_action_probability, full_action_space, frameskip"""
+    """keyword arguments for the constructor of every env of the run (gym.make): key:value items read as YAML (memory_length:30), or one mapping ('{memory_length: 30}'); Atari ids take repeat_action_probability, full_action_space, frameskip"""
     total_timesteps: int = 10_000_000
     """total environment steps (summed over all envs)"""
     num_actors: int = dataclasses.field(default_factory=lambda: max(1, usable_cpus()[0] - 1))
@@ -219,7 +225,8 @@ class Args:
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
-RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "cuda", "eval_interval",
+RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "capture_video", "track",
+                  "wandb_project_name", "wandb_entity", "cuda", "eval_interval",
                   "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
                   "max_actor_restarts", "learner_threads", "inference", "amp", "tf32", "progress_bar")
 
@@ -594,7 +601,8 @@ def initial_progress(args: Args) -> dict:
 def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
     """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
     arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
-    folder; the events logged after its checkpoint are purged."""
+    folder; the events logged after its checkpoint are purged. With --track, W&B syncs them."""
+    start_tracking(args, run_name)  # before the writer: W&B syncs every scalar it writes
     writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
     if global_step == 0:
         writer.add_text("hyperparameters",
@@ -620,8 +628,10 @@ def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, o
     save_model(model_path, q_network, args, observation_space, n_actions)
     print(f"model saved to {model_path}")
     if args.eval_episodes > 0:
-        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device)
+        result = evaluate_saved_model(model_path, args.eval_episodes, args.eval_epsilon, device=device,
+                                      capture_video=args.capture_video)
         log_evaluation(writer, np.array(result["returns"]), global_step, wall_clock)
+        log_videos(result["videos"])  # --track: to W&B
         print(f"final evaluation of the saved model: {result['mean']:.1f} ± {result['std']:.1f} "
               f"(written to {result['output']})", flush=True)
 
@@ -1568,5 +1578,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before any process or shared memory exists
         print("r2d2_mp.py: interrupted", file=sys.stderr)
         exit_code = 130
+    finish_tracking(exit_code)  # --track: the W&B run ends after the writer was closed
     skip_final_collection()  # everything is closed: leave the last garbage collection out
     sys.exit(exit_code)

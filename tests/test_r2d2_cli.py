@@ -46,7 +46,7 @@ def test_help_lists_every_flag_with_meaning_and_default(run_script):
     for field in dataclasses.fields(Args):
         assert field.name in docs, f"Args.{field.name} has no docstring"
         flag = "--" + field.name.replace("_", "-")
-        default = str(field.default)
+        default = " ".join(map(str, field.default)) if isinstance(field.default, tuple) else str(field.default)
         pattern = re.escape(flag) + r"\b.*?" + re.escape(docs[field.name]) + r" \(default: " + re.escape(default) + r"\)"
         assert re.search(pattern, text), f"{flag}: meaning or default {default!r} missing from --help"
 
