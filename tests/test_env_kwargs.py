@@ -123,3 +123,25 @@ def test_a_sweep_passes_a_mapping_and_checks_it(tmp_path):
     assert not (tmp_path / "typo.yaml").exists()
     assert check_env_id(ENV, quiet=True, env_kwargs=("length:5",))[0].shape == (1,)
     assert np.isfinite(check_env_id(ENV, quiet=True, env_kwargs=("length:9",))[0].high).all()
+
+
+def test_a_sweep_through_scheduler_py_builds_each_run_s_envs_with_its_kwargs(tmp_path):
+    """scheduler.py runs a grid over env_kwargs with the real r2d2.py: each run's episodes last
+    its own `length` (reward 1 per step: the training returns equal it)."""
+    (tmp_path / "experiment_configs").mkdir()
+    (tmp_path / "experiment_configs" / "countdown.yaml").write_text(
+        f"script: {ROOT / 'r2d2_algo' / 'r2d2.py'}\n"
+        f"args: {{env_id: '{ENV}', total_timesteps: 600, learning_starts: 200, eval_episodes: 0, num_envs: 2,\n"
+        "       progress_bar: false, cuda: false, log_interval: 200, hidden_size: 16, torso_size: 16,\n"
+        "       head_hidden_size: 16, burn_in_length: 2, sequence_length: 4, overlap: 2, batch_size: 8,\n"
+        "       buffer_size: 4000, replay_ratio: 1}\n"
+        "grid: {env_kwargs: [{length: 3}, {length: 6}]}\n")
+    env = script_env("cpu", PYTHONPATH=HELPERS)
+    out = subprocess.run([sys.executable, str(ROOT / "scheduler.py"), "--max-parallel", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for length in (3, 6):
+        (run_dir,) = glob.glob(str(tmp_path / "runs" / f"*countdown-env_kwargs=length={length}__1__*"))
+        acc = EventAccumulator(run_dir)
+        acc.Reload()
+        assert {e.value for e in acc.Scalars("charts/episodic_return")} == {float(length)}
