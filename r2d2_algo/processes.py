@@ -1,9 +1,9 @@
-"""Processes by /proc (Linux): liveness that a reused pid cannot fool, and the reaper of an
-embedded Ray whose driver died without stopping it. Stdlib only.
+"""Processes by psutil: liveness that a reused pid cannot fool, and the reaper of an embedded Ray
+whose driver died without stopping it.
 
-- ``process_start_time`` / ``pid_alive``: a process is named by its pid and its start time (field
-  22 of /proc/PID/stat), so a later process that reuses the pid never counts as it (the
-  scheduler's records of its runs; the reaper below).
+- ``process_start_time`` / ``pid_alive`` / ``descendants``: a process is named by its pid and its
+  start time (psutil's, in seconds since boot), so a later process that reuses the pid never counts
+  as it (the scheduler's records of its runs; the reaper below).
 - ``quiet_if_hung_up``: after a hangup (a closed terminal, a dropped ssh connection), stdout and
   stderr that were that terminal go to /dev/null, so that the last lines of a clean stop do not
   fail with EIO.
@@ -19,10 +19,11 @@ embedded Ray whose driver died without stopping it. Stdlib only.
       python r2d2_algo/processes.py FOLDER PID:START_TIME ...
 
   FOLDER is the run's Ray folder; each PID:START_TIME one of Ray's processes then
-  (``descendants`` of the driver). It reads its stdin, a pipe only the driver holds, to the end:
-  the driver writes ``done`` there after it has shut Ray down and removed the folder. The end of
-  the pipe without ``done`` means the driver died: it SIGKILLs those of the processes still
-  alive and removes the folder.
+  (``descendants`` of the driver, START_TIME in seconds since boot). It reads its stdin, a pipe
+  only the driver holds, to the end: the driver writes ``done`` there after it has shut Ray down
+  and removed the folder. The end of the pipe without ``done`` means the driver died: it SIGKILLs
+  those of the processes still alive and still the same (a reused pid is left alone) and removes
+  the folder.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import shutil
 import signal
 import sys
 import time
+
+import psutil
 
 
 # which of stdout/stderr were terminals when this module loaded (a hung-up one no longer says so)
@@ -62,64 +65,82 @@ def skip_final_collection() -> None:
     gc.freeze()
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/{pid}/stat after the command name (state first), or None without /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+# seconds: under one clock tick (Linux counts start times in ticks of 10 ms), over the rounding of
+# process_start_time to µs and the float noise of create_time less boot_time (~1e-7 s)
+START_TIME_TOLERANCE = 0.0005
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds since boot (float): psutil's ``create_time`` less
+    ``boot_time``, on Linux the kernel's start time (10 ms clock ticks), which a change of the
+    clock does not move. A zombie still has one. None where no process has that pid (or it cannot
+    be read). Raises nothing."""
+    try:  # rounded to µs (psutil's finest resolution), which drops the subtraction's float noise
+        return round(psutil.Process(pid).create_time() - psutil.boot_time(), 6)
+    except (psutil.Error, ValueError):  # ValueError: a negative pid
         return None
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (to tell it from a later process with the same pid)."""
-    stat = proc_stat(pid)
-    return stat[19] if stat else None
-
-
-def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
-    """Whether the process runs (a zombie, or a new process that reuses the pid, does not count)."""
+def _process(pid: int | None, start_time: float | str | None = None) -> psutil.Process | None:
+    """The process ``pid`` if it runs and, given ``start_time`` (``process_start_time``'s seconds
+    since boot; a string is clock ticks since boot, what earlier versions of this module recorded),
+    started then (within ``START_TIME_TOLERANCE``); else None: no pid, gone, a zombie, a later
+    process that reuses the pid, or one it may not read (another user's)."""
     if not pid:
-        return False
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = proc_stat(pid)
-    if stat is None:
-        return True
-    return stat[0] not in ("Z", "X") and (start_time is None or stat[19] == start_time)
+        if isinstance(start_time, str):  # a scheduler record written before psutil
+            start_time = int(start_time) / os.sysconf("SC_CLK_TCK")
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        if start_time is not None and \
+                abs(process.create_time() - psutil.boot_time() - start_time) > START_TIME_TOLERANCE:
+            return None  # the pid is another process's now
+        return process
+    except (psutil.Error, ValueError):  # gone, a zombie (macOS), another user's; a bad pid or record
+        return None
+
+
+def pid_alive(pid: int | None, start_time: float | str | None = None) -> bool:
+    """Whether process ``pid`` runs and, given ``start_time`` (seconds since boot from
+    ``process_start_time``; None: any start), is the process that started then. False for no pid,
+    a process that has exited, a zombie, a later process that reuses the pid, and one this user may
+    not read. Raises nothing."""
+    return _process(pid, start_time) is not None
 
 
 def descendants(pid: int) -> list[str]:
-    """Every live descendant of ``pid`` as ``PID:START_TIME`` (the reaper's arguments)."""
-    children: dict[int, list[str]] = {}  # parent pid -> its children as PID:START_TIME
-    for entry in os.listdir("/proc"):
-        stat = proc_stat(int(entry)) if entry.isdigit() else None
-        if stat:
-            children.setdefault(int(stat[1]), []).append(f"{entry}:{stat[19]}")
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(int(child.split(":")[0]), []))
+    """Every descendant of process ``pid`` (children, theirs, and so on; zombies included) as
+    ``PID:START_TIME`` strings, START_TIME in seconds since boot as ``process_start_time`` gives it
+    (the reaper's arguments). [] where ``pid`` does not run. Raises nothing."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except (psutil.Error, ValueError):
+        return []
+    found = []
+    for child in children:
+        started = process_start_time(child.pid)
+        if started is not None:  # None: it exited after the listing
+            found.append(f"{child.pid}:{started!r}")
     return found
 
 
 def reap(folder: str, processes: list[str]) -> None:
-    """SIGKILL each ``PID:START_TIME`` still alive (and the same process), wait up to 5 s for them
-    to go (or turn zombies their dead parent left to init), then remove ``folder``."""
+    """SIGKILL each ``PID:START_TIME`` (``descendants``' strings) still alive and still the process
+    that started then, wait up to 5 s for them to go (or turn zombies their dead parent left to
+    init), then remove ``folder``. A pid that another process uses now is never signalled. Raises
+    ValueError on an entry not of that form."""
     alive = []
     for entry in processes:
         pid, started = entry.split(":")
-        pid = int(pid)
-        if pid_alive(pid, started):
+        pid, started = int(pid), float(started)
+        process = _process(pid, started)
+        if process is not None:
             try:
-                os.kill(pid, signal.SIGKILL)
+                process.kill()  # psutil checks once more that the pid is still this process
                 alive.append((pid, started))
-            except OSError:
+            except psutil.Error:
                 pass
     deadline = time.time() + 5
     while alive and time.time() < deadline:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -26,22 +27,20 @@ SMALL = ["--hidden-size", "32", "--torso-size", "32", "--head-hidden-size", "32"
          "--learning-rate", "1e-3", "--gamma", "0.99", "--log-interval", "500", "--num-envs-per-actor", "2"]
 
 
+def live(process: psutil.Process) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    try:
+        return process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
+
+
 def descendants(pid):
     """PIDs of all live processes whose ancestry includes pid."""
-    children = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True) if live(child)]
+    except psutil.NoSuchProcess:  # it has exited (its orphans belong to init now)
+        return []
 
 
 def shm_segments_of(pid):
@@ -66,16 +65,16 @@ def wait_clean(proc, timeout=60):
         raise AssertionError(f"the run did not end within {timeout} s:\n{out[-2000:]}\n{err[-3000:]}") from None
     time.sleep(0.5)
     assert not descendants(proc.pid), f"orphans left: {descendants(proc.pid)}"
-    left = [p for p in glob.glob("/proc/[0-9]*/stat") if _pgid(p) == proc.pid]
+    left = [p.pid for p in psutil.process_iter() if _pgid(p) == proc.pid]
     assert not left, f"processes of the run's group still alive: {left}"
     assert not shm_segments_of(proc.pid), f"/dev/shm left: {shm_segments_of(proc.pid)}"
     return out, err
 
 
-def _pgid(stat):
+def _pgid(process: psutil.Process) -> int | None:
+    """The process group of a live process; None for a zombie or one gone meanwhile."""
     try:
-        fields = open(stat).read().rsplit(")", 1)[1].split()
-        return int(fields[2]) if fields[0] != "Z" else None
+        return os.getpgid(process.pid) if live(process) else None
     except OSError:
         return None
 
@@ -330,9 +329,9 @@ def pids_named(proc, prefix, count, timeout=30):
         found = []
         for pid in descendants(proc.pid):
             try:
-                if open(f"/proc/{pid}/comm").read().startswith(prefix):
+                if psutil.Process(pid).name().startswith(prefix):
                     found.append(pid)
-            except OSError:  # gone meanwhile
+            except psutil.NoSuchProcess:  # gone meanwhile
                 pass
         if len(found) >= count:
             return found
@@ -434,7 +433,7 @@ def test_exception_in_the_learner_cleans_up(tmp_path, monkeypatch):
         r2d2_mp.main(args)
     time.sleep(0.5)
     assert not std_mp.active_children()
-    assert not descendants(os.getpid()) or all("resource_tracker" in open(f"/proc/{p}/cmdline").read()
+    assert not descendants(os.getpid()) or all("resource_tracker" in " ".join(psutil.Process(p).cmdline())
                                                for p in descendants(os.getpid()))
     assert not shm_segments_of(os.getpid())
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -30,26 +31,30 @@ SMALL = ["--env-id", "CartPole-v1", "--num-actors", "2", "--num-envs-per-actor",
          "--log-interval", "1000", "--actor-push-interval", "10"]
 
 
+def command_lines() -> dict[int, str]:
+    """The command line of every live process on this machine (zombies left out), by pid."""
+    found = {}
+    for process in psutil.process_iter():
+        try:
+            if process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                found[process.pid] = " ".join(process.cmdline())
+        except psutil.Error:  # gone meanwhile (a zombie's command line raises too), or not ours to read
+            continue
+    return found
+
+
 def ray_processes():
     """PIDs of live Ray processes (raylet, gcs_server, workers) on this machine."""
-    found = []
-    for stat in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            cmdline = open(stat, "rb").read().decode(errors="replace")
-            state = open(stat.replace("cmdline", "stat")).read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and ("raylet" in cmdline or "gcs_server" in cmdline or cmdline.startswith("ray::")):
-            found.append(int(stat.split("/")[2]))
-    return found
+    return [pid for pid, cmdline in command_lines().items()
+            if "raylet" in cmdline or "gcs_server" in cmdline or cmdline.startswith("ray::")]
 
 
 def env_worker_pids(proc) -> list[int]:
     """PIDs of the live EnvWorker processes of the run ``proc`` (its embedded Ray's processes are
     its descendants: another run's workers on the machine are not counted)."""
     ours = {int(entry.split(":")[0]) for entry in processes.descendants(proc.pid)}
-    return [pid for pid in ray_processes()
-            if pid in ours and "EnvWorker" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+    cmdlines = command_lines()
+    return [pid for pid in ray_processes() if pid in ours and "EnvWorker" in cmdlines.get(pid, "")]
 
 
 @pytest.fixture
@@ -195,24 +200,30 @@ def test_stopped_run_exits_cleanly(tmp_path, ray_home, stop_signal, code):
 
 
 def test_reaper_kills_only_the_processes_it_was_given_and_removes_the_folder(tmp_path):
-    """processes.py's reaper: a PID:START_TIME whose pid is another process now (a reused pid) is
-    left alone, the one given with its own start time is killed, the folder is removed; run as a
-    process, it does nothing when the driver writes "done", and reaps when its stdin just ends."""
+    """processes.py's reaper: a PID:START_TIME whose pid is another process now (a reused pid: the
+    start time one clock tick off, the smallest difference two start times show) is left alone, the
+    one given with its own start time is killed, the folder is removed; run as a process, it does
+    nothing when the driver writes "done", and reaps when its stdin just ends."""
     folder = tmp_path / "r2d2_ray_x"
     (folder / "logs").mkdir(parents=True)
     keep, kill = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    tick = 1 / os.sysconf("SC_CLK_TCK")  # s (Linux: 10 ms)
     try:
-        given = {p.pid: f"{p.pid}:{processes.process_start_time(p.pid)}" for p in (keep, kill)}
+        started = {p.pid: processes.process_start_time(p.pid) for p in (keep, kill)}
+        given = {pid: f"{pid}:{start!r}" for pid, start in started.items()}
         assert set(given.values()) <= set(processes.descendants(os.getpid()))
-        reused = f"{keep.pid}:{int(processes.process_start_time(keep.pid)) + 1}"
-        processes.reap(str(folder), [reused, given[kill.pid]])
-        assert kill.wait(timeout=5) == -signal.SIGKILL and keep.poll() is None and not folder.exists()
+        for reused in (started[keep.pid] + tick, started[keep.pid] - tick):
+            processes.reap(str(folder), [f"{keep.pid}:{reused!r}", given[kill.pid]])
+            assert keep.poll() is None and not folder.exists()
+            folder.mkdir()
+        assert kill.wait(timeout=5) == -signal.SIGKILL
         for message, reaped in [(b"done", False), (b"", True)]:
             folder.mkdir(exist_ok=True)
             reaper = subprocess.Popen([sys.executable, processes.__file__, str(folder), given[keep.pid]],
                                       stdin=subprocess.PIPE)
             reaper.communicate(message, timeout=30)
             assert reaper.returncode == 0 and folder.exists() != reaped and (keep.poll() is not None) == reaped
+        assert keep.wait(timeout=5) == -signal.SIGKILL
     finally:
         for p in (keep, kill):
             p.kill()
@@ -229,14 +240,7 @@ def test_sigkilled_driver_leaves_no_ray_process_or_folder(tmp_path, ray_home):
     proc.wait()
 
     def leftovers():
-        reapers = []
-        for stat in glob.glob("/proc/[0-9]*/cmdline"):
-            try:
-                cmdline = open(stat, "rb").read()
-            except OSError:  # it has just exited
-                continue
-            if b"processes.py" in cmdline and ray_home.encode() in cmdline:
-                reapers.append(cmdline)
+        reapers = [cmdline for cmdline in command_lines().values() if "processes.py" in cmdline and ray_home in cmdline]
         return glob.glob(os.path.join(ray_home, "r2d2_ray_*")) + reapers
 
     deadline = time.time() + 20

@@ -7,7 +7,6 @@ weights, the evaluator, a replay shard from the last checkpoint) and the run fin
 0, at --total-timesteps plus at most the pushes in flight, with the rate limit held, and nothing
 of it left on the machine."""
 
-import glob
 import os
 import re
 import secrets
@@ -18,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("ray")
@@ -56,13 +56,13 @@ def join(home: str, ip: str) -> None:
 
 
 def raylet_of(ip: str) -> int | None:
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+    for process in psutil.process_iter():
         try:
-            text = open(cmdline, "rb").read().decode(errors="replace")
-        except OSError:
+            cmdline = process.cmdline()
+        except psutil.Error:  # gone meanwhile, or a zombie
             continue
-        if "raylet" in text.split("\0")[0] and f"--node-name={ip}" in text:
-            return int(cmdline.split("/")[2])
+        if cmdline and "raylet" in cmdline[0] and f"--node-name={ip}" in " ".join(cmdline):
+            return process.pid
     return None
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT, script_env
@@ -30,13 +31,13 @@ TAKE_TERMINAL = "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTT
 def session_processes(session: int) -> list[int]:
     """Live processes of a session (a run started in its own session: it and everything it started)."""
     found = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
+    for process in psutil.process_iter():
         try:
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-        except OSError:
+            if os.getsid(process.pid) == session and process.status() not in (psutil.STATUS_ZOMBIE,
+                                                                               psutil.STATUS_DEAD):
+                found.append(process.pid)
+        except (OSError, psutil.Error):  # gone meanwhile
             continue
-        if int(fields[3]) == session and fields[0] not in ("Z", "X"):
-            found.append(int(stat.split("/")[2]))
     return found
 
 
