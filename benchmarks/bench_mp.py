@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import tyro
 
@@ -191,9 +192,8 @@ def parallel_rate(kind: str, env_id: str, processes: int, envs_per_process: int,
 
 
 def _process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system  # all threads
 
 
 def _collect(kind, workers, processes, q, seconds, server, server_cpu) -> dict:

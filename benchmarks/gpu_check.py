@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # this clone's r2d2_algo and benchmarks, installe
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 import tyro  # noqa: E402
 
@@ -55,7 +56,6 @@ from benchmarks.bench_mp import learner_rates, parallel_rate, system_sps  # noqa
 from r2d2_algo import r2d2_mp  # noqa: E402
 from r2d2_algo.devices import compute_dtypes, float32_precision  # noqa: E402
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector  # noqa: E402
-from r2d2_algo.processes import proc_stat  # noqa: E402
 from r2d2_algo.stopping import StopRequest  # noqa: E402
 from r2d2_algo.storage import later_state_offsets  # noqa: E402
 
@@ -221,10 +221,13 @@ def precision(device: torch.device, small: bool) -> dict:
 def session_processes(session: int) -> list[int]:
     """Live processes of a session (a run started with start_new_session: the run and all it started)."""
     found = []
-    for entry in os.listdir("/proc"):
-        stat = proc_stat(int(entry)) if entry.isdigit() else None
-        if stat and int(stat[3]) == session and stat[0] not in ("Z", "X"):
-            found.append(int(entry))
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() not in (psutil.STATUS_ZOMBIE,
+                                                                               psutil.STATUS_DEAD):
+                found.append(process.pid)
+        except (OSError, psutil.Error):  # gone meanwhile
+            continue
     return found
 
 
