@@ -32,6 +32,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from r2d2_algo.arguments import resolve_args
 from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -40,7 +41,6 @@ from r2d2_algo.checkpoint import (
     learner_state,
     load_learner_state,
     pickled_envs,
-    resume_run,
     save_model,
     to_storable,
     unpickle_envs,
@@ -51,10 +51,9 @@ from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_ve
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.limits import batch_bytes, check_memory, read_limits
 from r2d2_algo.model import RNNQNetwork, parameter_count
-from r2d2_algo.presets import apply_preset
 from r2d2_algo.processes import skip_final_collection
 from r2d2_algo.stopping import StopRequest, StopRun
-from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames, window_length
 from r2d2_algo.tracking import finish_tracking, log_videos, start_tracking
 
 
@@ -85,7 +84,7 @@ class Args:
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
     preset: Literal["auto", "atari", "atari_fast", "vector", "small_image", "none"] = "auto"
-    """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
+    """defaults for the env's family (r2d2_algo/presets/; auto: by --env-id, none: this script's own)"""
 
     # Environment and acting
     env_id: str = "CartPole-v1"
@@ -167,9 +166,6 @@ class Args:
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
-RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "capture_video", "track",
-                  "wandb_project_name", "wandb_entity", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "progress_bar", "amp", "tf32")
 
 
 def check_args(args: Args) -> None:
@@ -517,9 +513,10 @@ def initial_progress(args: Args) -> dict:
             "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
 
 
-def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
-    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
-    arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
+def open_writer(run_name: str, args: Args, sources: dict, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
+    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, the
+    arguments in runs/{run_name}/args.json (read back by analysis.py) and where each came from in
+    args_sources.json (arguments.resolve_args). A resumed run continues its
     folder; the events logged after its checkpoint are purged. With --track, W&B syncs them."""
     start_tracking(args, run_name)  # before the writer: W&B syncs every scalar it writes
     writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
@@ -529,6 +526,8 @@ def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarra
         writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
     with open(f"runs/{run_name}/args.json", "w") as f:
         json.dump(vars(args), f, indent=1)
+    with open(f"runs/{run_name}/args_sources.json", "w") as f:
+        json.dump(sources, f, indent=1)
     return writer
 
 
@@ -558,8 +557,8 @@ def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, o
 def main(args: Args, argv: list[str] | None = None) -> int:
     """Train; returns the exit code (0, or 128 + signal when stopped by Ctrl-C / SIGTERM / SIGHUP)."""
     try:  # everything that can refuse the arguments runs before the run folder is created
-        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
-        args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
+        # defaults, then the preset, the command line and the checkpoint; prints what the preset set
+        args, checkpoint, sources = resolve_args(args, argv, os.path.basename(__file__))
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id, env_kwargs=args.env_kwargs)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
@@ -570,8 +569,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             overlap=args.overlap, priority_exponent=args.priority_exponent,
             importance_sampling_exponent=args.importance_sampling_exponent, frame_stack=frame_stack)
         replay_bytes, limits = SequenceReplayBuffer.shared_nbytes(**replay_kwargs), read_limits()
-        others = {"a learner batch": batch_bytes(args.batch_size, args.burn_in_length + args.sequence_length
-                                                 + args.n_step, observation_space.shape, observation_space.dtype),
+        window = window_length(args.burn_in_length, args.sequence_length, args.n_step)
+        others = {"a learner batch": batch_bytes(args.batch_size, window, observation_space.shape,
+                                                 observation_space.dtype),
                   "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
                                                      args.rnn_type)}
         fit = max(0, int(0.9 * args.buffer_size * (limits.memory_bytes - sum(others.values())) / replay_bytes))
@@ -633,7 +633,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         }, checkpoint_file)
         tqdm.write(f"step {progress['global_step']:,}: checkpoint written to {checkpoint_file}")
 
-    writer = open_writer(run_name, args, progress["global_step"], epsilons)
+    writer = open_writer(run_name, args, sources, progress["global_step"], epsilons)
     print(f"run {run_name}: {parameter_count(q_network):,} parameters on {device} "
           f"({precision_summary(device, args.amp, args.tf32)}), replay "
           f"{replay.capacity_per_stream * args.num_envs:,} observations, ε ladder {epsilons.min():.4f}..{epsilons.max():.2f}"

@@ -64,13 +64,13 @@ from tqdm import tqdm
 from torch.nn.utils import parameters_to_vector
 from torch.utils.tensorboard import SummaryWriter
 
+from r2d2_algo.arguments import resolve_args
 from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     atomic_save,
     learner_state,
     load_learner_state,
-    resume_run,
     save_model,
 )
 from r2d2_algo.checks import check_common_args, network_bytes
@@ -80,11 +80,10 @@ from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluat
 from r2d2_algo.limits import (PROCESS_BYTES, batch_bytes, check_memory, check_shared_memory, read_limits, size,
                               usable_cpus)
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
-from r2d2_algo.presets import apply_preset
 from r2d2_algo.processes import skip_final_collection
 from r2d2_algo.shared import SharedArrays, start_resource_tracker
 from r2d2_algo.stopping import STOP_SIGNALS, StopRequest, StopRun
-from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames, window_length
 from r2d2_algo.tracking import finish_tracking, log_videos, start_tracking
 
 
@@ -115,7 +114,7 @@ class Args:
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
     preset: Literal["auto", "atari", "atari_fast", "vector", "small_image", "none"] = "auto"
-    """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
+    """defaults for the env's family (r2d2_algo/presets/; auto: by --env-id, none: this script's own)"""
 
     # Environment and acting
     env_id: str = "PongNoFrameskip-v4"
@@ -225,10 +224,6 @@ class Args:
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
-RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "capture_video", "track",
-                  "wandb_project_name", "wandb_entity", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "learner_threads", "inference", "amp", "tf32", "progress_bar")
 
 
 def check_args(args: Args) -> None:
@@ -598,9 +593,10 @@ def initial_progress(args: Args) -> dict:
             "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
 
 
-def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
-    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
-    arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
+def open_writer(run_name: str, args: Args, sources: dict, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
+    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, the
+    arguments in runs/{run_name}/args.json (read back by analysis.py) and where each came from in
+    args_sources.json (arguments.resolve_args). A resumed run continues its
     folder; the events logged after its checkpoint are purged. With --track, W&B syncs them."""
     start_tracking(args, run_name)  # before the writer: W&B syncs every scalar it writes
     writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
@@ -610,6 +606,8 @@ def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarra
         writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
     with open(f"runs/{run_name}/args.json", "w") as f:
         json.dump(vars(args), f, indent=1)
+    with open(f"runs/{run_name}/args_sources.json", "w") as f:
+        json.dump(sources, f, indent=1)
     return writer
 
 
@@ -650,8 +648,8 @@ def resolve_envs_per_actor(args: Args, frame_stack: int) -> int:
     if args.num_envs_per_actor > 0:
         return args.num_envs_per_actor
     splits = args.env_splits if frame_stack > 1 else 1
-    window_length = args.burn_in_length + args.sequence_length + args.n_step
-    fit = args.buffer_size // (args.num_actors * MIN_WINDOWS_PER_STREAM * window_length)
+    window = window_length(args.burn_in_length, args.sequence_length, args.n_step)
+    fit = args.buffer_size // (args.num_actors * MIN_WINDOWS_PER_STREAM * window)
     return max(splits, min(MAX_ENVS_PER_ACTOR, fit) // splits * splits)
 
 
@@ -1240,8 +1238,9 @@ class Prefetcher(threading.Thread):
 
 
 # LEARNER PROCESS (the main process)
-def learner(args: Args, run_name: str, checkpoint: dict | None, replay: SequenceReplayBuffer, arrays: SharedArrays,
-            processes: Processes, observation_space, n_actions: int, frame_stack: int, stop: StopRequest) -> int:
+def learner(args: Args, sources: dict, run_name: str, checkpoint: dict | None, replay: SequenceReplayBuffer,
+            arrays: SharedArrays, processes: Processes, observation_space, n_actions: int, frame_stack: int,
+            stop: StopRequest) -> int:
     """Train on the replay the actors fill; returns the exit code (0, 1, or 128 + signal)."""
     checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
 
@@ -1292,7 +1291,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, replay: Sequence
         if final:
             print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 
-    writer = open_writer(run_name, args, progress["global_step"], epsilons)
+    writer = open_writer(run_name, args, sources, progress["global_step"], epsilons)
     processes.attach(prefetcher.truncate_streams, writer)
     prefetcher.start()
     weights.publish(progress["updates"], force=True)  # the actors start acting
@@ -1489,8 +1488,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     """Build the shared memory, start the actors and the evaluator, run the learner, and stop and
     clean up everything however it ends; returns the exit code."""
     try:  # everything that can refuse the arguments runs before anything is created
-        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
-        args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
+        # defaults, then the preset, the command line and the checkpoint; prints what the preset set
+        args, checkpoint, sources = resolve_args(args, argv, os.path.basename(__file__))
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id, env_kwargs=args.env_kwargs)
         frame_stack = frame_stack_of(args.env_id)  # Atari: replay keeps single frames
@@ -1508,8 +1507,9 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         # the replay and the published weights live in /dev/shm, which is also memory (of the cgroup)
         limits, shared_bytes = read_limits(), replay_bytes + 4 * parameter_count(network)
         children = args.num_actors + 1 + (args.inference == "central")
-        others = {"2 learner batches": 2 * batch_bytes(args.batch_size, args.burn_in_length + args.sequence_length
-                                                       + args.n_step, observation_space.shape, observation_space.dtype),
+        window = window_length(args.burn_in_length, args.sequence_length, args.n_step)
+        others = {"2 learner batches": 2 * batch_bytes(args.batch_size, window, observation_space.shape,
+                                                       observation_space.dtype),
                   "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
                                                      args.rnn_type),
                   f"{children} processes (actors, evaluator{', inference' if args.inference == 'central' else ''}) "
@@ -1559,7 +1559,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
         # learner needs few (copies, Python), and idle OpenMP threads spinning on all cores would slow the actors
         torch.set_num_threads(torch_threads)
         stop.check()  # a stop that came while they started
-        return learner(args, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,
+        return learner(args, sources, run_name, checkpoint, replay, arrays, processes, observation_space, n_actions,
                        frame_stack, stop)
     except StopRun as e:  # before the learner started
         print(f"r2d2_mp.py: stopping: {e}", file=sys.stderr, flush=True)

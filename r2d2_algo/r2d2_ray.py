@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from r2d2_algo import processes
 from r2d2_algo.processes import skip_final_collection
+from r2d2_algo.arguments import resolve_args
 from r2d2_algo.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -75,7 +76,6 @@ from r2d2_algo.checkpoint import (
     learner_state,
     load_checkpoint,
     load_learner_state,
-    resume_run,
     save_model,
     to_storable,
 )
@@ -85,9 +85,8 @@ from r2d2_algo.envs import check_env_id, epsilon_ladder, frame_stack_of, make_ve
 from r2d2_algo.evaluate import EVAL_EPSILON, EVAL_SEED_OFFSET, evaluate, evaluate_saved_model
 from r2d2_algo.limits import PROCESS_BYTES, batch_bytes, check_memory, check_shared_memory, read_limits, size, usable_cpus
 from r2d2_algo.model import RNNQNetwork, load_parameter_vector, parameter_count
-from r2d2_algo.presets import apply_preset
 from r2d2_algo.stopping import StopRequest, StopRun
-from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames
+from r2d2_algo.storage import SequenceBatch, SequenceReplayBuffer, stack_frames, window_length
 from r2d2_algo.tracking import finish_tracking, log_videos, start_tracking
 
 
@@ -118,7 +117,7 @@ class Args:
     resume: str | None = None
     """checkpoint file or `saved_checkpoints/{run_name}` folder to continue (its arguments are used)"""
     preset: Literal["auto", "atari", "atari_fast", "vector", "small_image", "none"] = "auto"
-    """defaults for the env's family (experiment_configs/presets/; auto: by --env-id, none: this script's own)"""
+    """defaults for the env's family (r2d2_algo/presets/; auto: by --env-id, none: this script's own)"""
     ray_address: str | None = None
     """an existing Ray cluster to join (HOST:PORT or `auto`); none: start a local Ray on loopback for this run"""
     ray_plasma_directory: str | None = None
@@ -241,11 +240,6 @@ class Args:
 
 
 # arguments a resumed run may change on its command line; every other one comes from the checkpoint
-RESUMABLE_ARGS = ("total_timesteps", "checkpoint_interval", "checkpoint_replay", "save_model", "capture_video", "track",
-                  "wandb_project_name", "wandb_entity", "cuda", "eval_interval",
-                  "eval_episodes", "eval_epsilon", "log_interval", "actor_update_interval", "env_threads",
-                  "max_actor_restarts", "learner_threads", "amp", "tf32", "ray_address", "role_nodes",
-                  "samples_in_flight", "actor_push_interval", "progress_bar", "ray_plasma_directory")
 
 
 def role_nodes(args: Args) -> dict[str, str]:
@@ -633,9 +627,10 @@ def initial_progress(args: Args) -> dict:
             "next_checkpoint": args.checkpoint_interval, "learn_from": args.learning_starts, "updates_base": 0}
 
 
-def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
-    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, and the
-    arguments in runs/{run_name}/args.json (read back by analysis.py). A resumed run continues its
+def open_writer(run_name: str, args: Args, sources: dict, global_step: int, epsilons: np.ndarray) -> SummaryWriter:
+    """Tensorboard writer of runs/{run_name}, with the arguments and the ε ladder as text, the
+    arguments in runs/{run_name}/args.json (read back by analysis.py) and where each came from in
+    args_sources.json (arguments.resolve_args). A resumed run continues its
     folder; the events logged after its checkpoint are purged. With --track, W&B syncs them."""
     start_tracking(args, run_name)  # before the writer: W&B syncs every scalar it writes
     writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if global_step else None)
@@ -645,6 +640,8 @@ def open_writer(run_name: str, args: Args, global_step: int, epsilons: np.ndarra
         writer.add_text("epsilon_ladder", ", ".join(f"{e:.5f}" for e in epsilons))
     with open(f"runs/{run_name}/args.json", "w") as f:
         json.dump(vars(args), f, indent=1)
+    with open(f"runs/{run_name}/args_sources.json", "w") as f:
+        json.dump(sources, f, indent=1)
     return writer
 
 
@@ -692,7 +689,7 @@ def object_store_bytes(args: Args, observation_space, state_size: int, frame_sta
     frame_bytes = int(np.prod(observation_space.shape)) // frame_stack * np.dtype(observation_space.dtype).itemsize
     step_bytes = frame_bytes + 4 * state_size + 16  # observation, stored state, action, reward, flags
     pushes = 2 * args.num_actors * args.actor_push_interval * args.num_envs_per_actor * step_bytes
-    window = args.burn_in_length + args.sequence_length + args.n_step + frame_stack - 1
+    window = window_length(args.burn_in_length, args.sequence_length, args.n_step) + frame_stack - 1
     samples = args.samples_in_flight * args.batch_size * (window * (frame_bytes + 16) + 4 * state_size + 16)
     return pushes + samples + 2 * 4 * num_parameters
 
@@ -1179,8 +1176,8 @@ def to_writable(batch: SequenceBatch) -> SequenceBatch:
 
 
 # LEARNER (the driver)
-def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster, observation_space, n_actions: int,
-            frame_stack: int, stop: StopRequest) -> int:
+def learner(args: Args, sources: dict, run_name: str, checkpoint: dict | None, cluster: Cluster, observation_space,
+            n_actions: int, frame_stack: int, stop: StopRequest) -> int:
     """Train on the replay shards the env workers fill; returns the exit code."""
     checkpoint_file = os.path.join("saved_checkpoints", run_name, CHECKPOINT_FILE)
     random.seed(args.seed)
@@ -1208,7 +1205,7 @@ def learner(args: Args, run_name: str, checkpoint: dict | None, cluster: Cluster
             progress.update(learn_from=progress["global_step"] + args.learning_starts, updates_base=progress["updates"])
         print(f"resuming {run_name} from step {progress['global_step']:,} ({progress['updates']:,} updates)")
         del checkpoint  # the replay copy can be large
-    writer = open_writer(run_name, args, progress["global_step"], epsilons)
+    writer = open_writer(run_name, args, sources, progress["global_step"], epsilons)
     start_time = time.time() - progress["elapsed"]
     # steps each shard counted before Ray rebuilt it (lost with its node) and that it no longer counts
     step_offsets = [0] * len(cluster.shards)
@@ -1536,8 +1533,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
     """Check the arguments, start or join Ray, start the roles, run the learner, and stop
     everything however the run ends; returns the exit code."""
     try:
-        args, checkpoint = resume_run(args, sys.argv[1:] if argv is None else argv, RESUMABLE_ARGS)
-        args = apply_preset(args, argv, os.path.basename(__file__))  # prints what the preset set
+        # defaults, then the preset, the command line and the checkpoint; prints what the preset set
+        args, checkpoint, sources = resolve_args(args, argv, os.path.basename(__file__))
         check_args(args)
         observation_space, n_actions = check_env_id(args.env_id, env_kwargs=args.env_kwargs)
         frame_stack = frame_stack_of(args.env_id)
@@ -1565,7 +1562,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             roles = args.num_actors + args.num_replay_shards + 2
             others = {"Ray's object store": store_size,
                       f"{args.samples_in_flight + 1} learner batches": (args.samples_in_flight + 1) * batch_bytes(
-                          args.batch_size, args.burn_in_length + args.sequence_length + args.n_step,
+                          args.batch_size, window_length(args.burn_in_length, args.sequence_length, args.n_step),
                           observation_space.shape, observation_space.dtype),
                       "networks and Adam": network_bytes(args.hidden_size, args.torso_size, args.head_hidden_size,
                                                          args.rnn_type),
@@ -1610,7 +1607,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                           checkpoint["progress"]["global_step"] if checkpoint is not None else 0)
         cluster.describe()
         stop.check()
-        return learner(args, run_name, checkpoint, cluster, observation_space, n_actions, frame_stack, stop)
+        return learner(args, sources, run_name, checkpoint, cluster, observation_space, n_actions, frame_stack, stop)
     except StopRun as e:
         print(f"r2d2_ray.py: stopping: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -203,6 +203,12 @@ def numpy_zeros(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.zeros(shape, dtype=dtype)
 
 
+def window_length(burn_in_length: int, sequence_length: int, n_step: int) -> int:
+    """Steps in one sampled window: burn-in l + trained sequence m + the n-step bootstrap n
+    (R2D2 Sec. 3: the learner unrolls l + m steps and needs n more for the last targets)."""
+    return burn_in_length + sequence_length + n_step
+
+
 class SequenceReplayBuffer:
     """Circular sequence replay with prioritized sampling (R2D2, Sec. 2.3; PER, Sec. 3.3).
 
@@ -285,7 +291,7 @@ class SequenceReplayBuffer:
         self.n_step = n_step
         self.period = sequence_length - overlap
         self.later_state_offsets = later_state_offsets(burn_in_length, sequence_length, overlap)
-        self.window_length = burn_in_length + sequence_length + n_step
+        self.window_length = window_length(burn_in_length, sequence_length, n_step)
         per_stream = capacity // num_streams
         self.capacity_per_stream = per_stream - per_stream % self.period
         if self.capacity_per_stream < self.window_length + self.history_length + overwrite_margin:

@@ -68,12 +68,11 @@ def _cpu_unless_the_test_runs_on_cuda(request, monkeypatch):
 
 
 def marked_copy_of_the_repository(folder: Path) -> tuple[Path, str]:
-    """A copy of the scripts' package (and the presets they read) under ``folder``, whose
+    """A copy of the scripts' package (with the presets it holds) under ``folder``, whose
     ``r2d2_algo`` prints where it was imported from. Returns (the copy's root, the line it prints):
     a script run from the copy must use the copy's package, installed or not."""
     clone = folder / "clone"
     shutil.copytree(ROOT / "r2d2_algo", clone / "r2d2_algo", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "experiment_configs" / "presets", clone / "experiment_configs" / "presets")
     with open(clone / "r2d2_algo" / "__init__.py", "a") as f:
         f.write("\nprint('r2d2_algo imported from', __file__)\n")
     return clone, f"r2d2_algo imported from {clone / 'r2d2_algo' / '__init__.py'}"

@@ -15,7 +15,8 @@ import torch
 
 from r2d2_algo.analysis import load_scalars
 from r2d2_algo.checkpoint import CheckpointError, load_model, resume_args
-from r2d2_algo.r2d2 import RESUMABLE_ARGS, Args
+from r2d2_algo.arguments import RESUMABLE_ARGS
+from r2d2_algo.r2d2 import Args
 from tests.conftest import CUDA_AVAILABLE, ROOT
 
 SHORT = ["--no-progress-bar", "--learning-starts", "800", "--replay-ratio", "4", "--log-interval", "400"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from r2d2_algo import r2d2, r2d2_mp, r2d2_ray
+from r2d2_algo.arguments import RESUMABLE_ARGS
 from r2d2_algo.devices import compute_dtypes, float32_precision, precision_summary, set_float32_precision
 from r2d2_algo.model import RNNQNetwork
 from r2d2_algo.stopping import StopRequest
@@ -97,4 +98,4 @@ def test_tf32_switch_sets_every_float32_kind_and_the_run_line_says_it():
 
 def test_every_script_has_the_tf32_flag_off_by_default():
     for script in SCRIPTS:
-        assert script.Args().tf32 is False and "tf32" in script.RESUMABLE_ARGS
+        assert script.Args().tf32 is False and "tf32" in RESUMABLE_ARGS

@@ -118,7 +118,7 @@ def test_default_env_threads_share_the_cores_among_the_actors(monkeypatch):
 def test_auto_preset_and_the_scripts_check_build_a_non_atari_env_once(capsys):
     """`--preset auto` looks at the env to find its family and the script then checks it: one
     construction between them (an env can take seconds to build), with the notes still printed."""
-    from r2d2_algo.presets import apply_preset
+    from r2d2_algo.arguments import apply_preset
     from r2d2_algo.r2d2 import Args
 
     built = []
@@ -138,7 +138,7 @@ def test_auto_preset_and_the_scripts_check_build_a_non_atari_env_once(capsys):
 
     gym.register(id="CountedBuild-v0", entry_point=CountedEnv)
     try:
-        args = apply_preset(Args(env_id="CountedBuild-v0"), ["--env-id", "CountedBuild-v0"], "r2d2.py")
+        args, _ = apply_preset(Args(env_id="CountedBuild-v0"), {"env_id"}, "r2d2.py")
         space, n_actions = check_env_id(args.env_id)
         out = capsys.readouterr().out
         assert "preset vector (auto" in out and "note: CountedBuild-v0:" in out, out
