@@ -613,7 +613,7 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                 envs = make_vector_env(args.env_id, args.num_envs, args.seed + progress["global_step"],
                                        env_kwargs=args.env_kwargs)
                 actor = EnvActor(envs, q_network, replay, epsilons, rng, args.seed + progress["global_step"], device)
-                replay.truncate_streams()
+                replay.cut_streams()
                 print("the envs could not be saved in the checkpoint (e.g. ale-py's): new episodes start here")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             envs.close()

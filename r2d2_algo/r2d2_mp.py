@@ -1214,11 +1214,11 @@ class Prefetcher(threading.Thread):
         except BaseException as e:  # handed to the learner, which stops the run
             self.error = e
 
-    def truncate_streams(self, streams: np.ndarray) -> None:
+    def cut_streams(self, streams: np.ndarray) -> None:
         """Cut these env streams where they stopped (a dead actor's): no n-step return or window
-        runs across the cut (SequenceReplayBuffer.truncate_streams, while no batch is sampled)."""
+        runs across the cut (SequenceReplayBuffer.cut_streams, while no batch is sampled)."""
         with self.lock:
-            self.replay.truncate_streams(streams)
+            self.replay.cut_streams(streams)
 
     def next_batch(self, stop: StopRequest) -> SequenceBatch:
         """The next prefetched batch; stop requests and prefetch errors are raised while waiting.
@@ -1262,7 +1262,7 @@ def learner(args: Args, sources: dict, run_name: str, checkpoint: dict | None, r
             load_learner_state(checkpoint, q_network, target_network, optimizer, rng, progress, recent_returns, replay,
                                args.learning_starts)
             actor_steps[:] = checkpoint["actor_steps"].numpy()
-            replay.truncate_streams()  # the actors' envs (ale-py's cannot be saved) start new episodes
+            replay.cut_streams()  # the actors' envs (ale-py's cannot be saved) start new episodes
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SystemExit(f"r2d2_mp.py: error: checkpoint {args.resume!r} does not fit this run: {first_line[:160]}") \
@@ -1292,7 +1292,7 @@ def learner(args: Args, sources: dict, run_name: str, checkpoint: dict | None, r
             print(f"resume with --resume {os.path.dirname(checkpoint_file)}", file=sys.stderr, flush=True)
 
     writer = open_writer(run_name, args, sources, progress["global_step"], epsilons)
-    processes.attach(prefetcher.truncate_streams, writer)
+    processes.attach(prefetcher.cut_streams, writer)
     prefetcher.start()
     weights.publish(progress["updates"], force=True)  # the actors start acting
 

@@ -755,8 +755,8 @@ class ReplayShard:
         self.episodes.extend(episodes)
         return self.steps < self.quota, self.steps < self.allowed, self.steps
 
-    def truncate_streams(self, streams: np.ndarray | None = None) -> None:
-        self.replay.truncate_streams(streams)
+    def cut_streams(self, streams: np.ndarray | None = None) -> None:
+        self.replay.cut_streams(streams)
 
     def allow(self, steps: float) -> None:
         """The steps it may hold before its env workers wait for the learner (float("inf"): no limit)."""
@@ -780,7 +780,7 @@ class ReplayShard:
         self.steps, self.rng.bit_generator.state = state["steps"], state["rng"]
         if state["replay"] is not None:
             self.replay.load_state_dict(state["replay"])
-            self.replay.truncate_streams()
+            self.replay.cut_streams()
             self.cut = self.replay.write_count > 0
 
     def sample(self, batch_size: int) -> SequenceBatch | None:
@@ -906,7 +906,7 @@ class EnvWorker:
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         seed = args.seed + 1000 * (worker_id + 1) + seed_offset + (int(time.time()) % 100_000 if self.restarted else 0)
         if self.restarted:
-            ray.get(self.shard.truncate_streams.remote(self.streams))
+            ray.get(self.shard.cut_streams.remote(self.streams))
         frame_stack = frame_stack_of(args.env_id)
         splits = args.env_splits if frame_stack > 1 else 1
         envs = make_vector_env(args.env_id, E, seed, num_splits=splits,

@@ -375,7 +375,7 @@ class SequenceReplayBuffer:
             self.max_priority = float(state["max_priority"])
             self.num_sequences_added = int(state["num_sequences_added"])
 
-    def truncate_streams(self, streams: np.ndarray | None = None) -> None:
+    def cut_streams(self, streams: np.ndarray | None = None) -> None:
         """Mark the last step written to each stream (default: all) as truncated (a time-limit
         end): used when a resumed run or a restarted actor starts new episodes in those streams,
         so that no n-step return or sequence runs from the old episode into the new one. That
