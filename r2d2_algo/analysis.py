@@ -5,6 +5,10 @@
     curves = summarize(df, by=["sequence_length"], tag="eval/episodic_return")   # mean and band over seeds
     plot_summary(curves, by=["sequence_length"])
     run_summary_table(df, by=["sequence_length"])                 # final / best return, SPS per config
+    plot_run("runs/CartPole-v1__r2d2__1__...", out="curves.png")  # one run: every curve vs steps and time
+
+`plot_run` draws one run folder of any script (r2d2.py, r2d2_mp.py, r2d2_ray.py) whatever tags it
+logged; `write_and_test/plot_run.py` is its command line.
 
 Runs started by `scheduler.py` carry their config values in the scheduler's records
 (runs/_scheduler/); every run folder also holds the script's arguments as `args.json`
@@ -221,3 +225,98 @@ def run_summary_table(df: pd.DataFrame, by: list[str], return_tag: str = "eval/e
     table.columns = [f"{a}_{b}" for a, b in table.columns]
     table.insert(0, "runs", grouped.size())
     return table
+
+
+RUN_PANELS = (
+    ("episodic return", ("eval/episodic_return", "charts/episodic_return"), "return"),
+    ("TD loss", ("losses/td_loss",), "½ δ² (rescaled values)"),
+    ("SPS", ("charts/SPS",), "environment steps / s"),
+    ("parameter lag", ("charts/parameter_lag",), "learner updates"),
+)
+"""The rows of `plot_run`: a title, the tags drawn in it (a row is drawn if any is logged), the y label."""
+
+
+def _wall_clock_unit(seconds: float) -> tuple[str, float]:
+    """A unit to show ``seconds`` of wall-clock in, and its length in seconds."""
+    return ("s", 1.0) if seconds < 600 else ("min", 60.0) if seconds < 3 * 3600 else ("h", 3600.0)
+
+
+def _draw_run_panel(ax, df: pd.DataFrame, title: str, tags: tuple[str, ...], x: str, scale: float) -> bool:
+    """One panel of `plot_run`: ``tags`` of the long scalars ``df`` against ``x`` ("step", or
+    "wall_time" divided by ``scale``); returns False, and says so in the panel, when none is logged."""
+    curves = {tag: df[df["tag"] == tag].sort_values("step") for tag in tags}
+    if all(curve.empty for curve in curves.values()):
+        ax.text(0.5, 0.5, f"not logged by this run\n({', '.join(tags)})", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+        ax.set_yticks([])  # the x axis is shared with the column's other panels
+        return False
+    for i, (tag, curve) in enumerate(curves.items()):
+        if curve.empty:
+            continue
+        xs, ys = curve[x].to_numpy(float) / scale, curve["value"].to_numpy(float)
+        if tag == "charts/episodic_return":  # many noisy points: dots and a running mean over ~1 % of them
+            window = max(20, len(curve) // 100)
+            ax.plot(xs, ys, ".", color=f"C{i}", alpha=0.15, markersize=3)
+            ys = curve["value"].rolling(window, min_periods=1).mean().to_numpy()
+            ax.plot(xs, ys, color=f"C{i}", linewidth=1.5, label=f"training episodes (ε-greedy), mean of {window}")
+        elif tag == "eval/episodic_return":
+            ax.plot(xs, ys, "o-", color=f"C{i}", markersize=3, linewidth=2, label="evaluation (greedy), mean ± std",
+                    zorder=3)
+            std = df[df["tag"] == "eval/episodic_return_std"].sort_values("step")
+            if len(std) == len(curve) and (std["step"].to_numpy() == curve["step"].to_numpy()).all():
+                band = std["value"].to_numpy(float)
+                ax.fill_between(xs, ys - band, ys + band, color=f"C{i}", alpha=0.2, linewidth=0)
+        else:
+            ax.plot(xs, ys, color=f"C{i}", linewidth=1.5, label=tag)
+    values = df[df["tag"].isin(tags)]["value"]
+    if title in ("TD loss", "SPS") and (values > 0).all() and values.max() > 30 * values.min():
+        ax.set_yscale("log")  # SPS before and after learning starts, a loss over decades
+    if title == "parameter lag" and (values == 0).all():  # r2d2.py: one process acts and learns
+        ax.text(0.5, 0.6, "0 throughout: the actors act with the learner's current parameters", ha="center",
+                va="center", transform=ax.transAxes, fontsize=8, color="0.3")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return True
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None):
+    """One figure of one run's curves, whatever script wrote it: the rows of `RUN_PANELS`
+    (episodic return of the evaluations and of the training episodes, TD loss, SPS, parameter
+    lag in learner updates), each against environment steps (left) and wall-clock time since the
+    run's first event (right). A row whose tags the run did not log (an evaluation turned off; a
+    run still before its first update) says so in its panels.
+
+    Args:
+        run_dir: a tensorboard run folder (runs/{run_name}).
+        out: PNG to write (folders made); None: write nothing.
+    Returns:
+        the matplotlib Figure; its axes are titled "{row title} vs steps" and "{row title} vs wall-clock".
+    Raises:
+        FileNotFoundError: the folder holds no event file.
+    """
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    df = load_scalars([run_dir])  # every tag: wall-clock counts from the run's first scalar, whatever its tag
+    unit, scale = _wall_clock_unit(float(df["wall_time"].max()) if len(df) else 0.0)
+    fig, axes = plt.subplots(len(RUN_PANELS), 2, figsize=(11, 2.4 * len(RUN_PANELS) + 0.6), sharex="col",
+                             squeeze=False)
+    for (title, row_tags, ylabel), (ax_steps, ax_time) in zip(RUN_PANELS, axes):
+        if _draw_run_panel(ax_steps, df, title, row_tags, "step", 1.0):
+            ax_steps.set_ylabel(ylabel, fontsize=9)
+        _draw_run_panel(ax_time, df, title, row_tags, "wall_time", scale)
+        ax_steps.set_title(f"{title} vs steps", fontsize=10)
+        ax_time.set_title(f"{title} vs wall-clock", fontsize=10)
+    axes[-1, 0].set_xlabel("environment steps")
+    axes[-1, 1].set_xlabel(f"wall-clock since the run's first log ({unit})")
+    args = load_hparams(run_dir)
+    evals = df[df["tag"] == "eval/episodic_return"].sort_values("step")
+    last = (f"; last evaluation {evals['value'].iloc[-1]:.1f} at {evals['step'].iloc[-1]:,} steps"
+            if len(evals) else "")
+    script = f"{args['exp_name']}, " if "exp_name" in args else ""
+    fig.suptitle(f"{run_dir.name}\n{script}{args.get('env_id', '')}{last}", fontsize=10)
+    fig.tight_layout()
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+    return fig
