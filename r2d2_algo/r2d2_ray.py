@@ -632,8 +632,8 @@ def save_and_evaluate_model(run_name: str, q_network: RNNQNetwork, args: Args, o
 
 
 def main(args: Args, argv: list[str] | None = None) -> int:
-    """Check the arguments, start or join Ray, start the roles, run the learner, and stop
-    everything however the run ends; returns the exit code."""
+    """Check the arguments, start or join Ray, start the roles (below) under their supervisor, run
+    the learner, and stop everything however the run ends; returns the exit code."""
     try:  # everything that can refuse the arguments runs before Ray starts
         # defaults, then the preset, the command line and the checkpoint; prints what the preset set
         args, checkpoint, sources = resolve_args(args, argv, os.path.basename(__file__))
@@ -673,10 +673,10 @@ def main(args: Args, argv: list[str] | None = None) -> int:
                   f"{'actors = CPUs - 1, ' if args.num_actors == max(1, limits.cpus - 1) else ''}learner "
                   f"{torch_threads} torch thread{'s' if torch_threads != 1 else ''}", flush=True)
             torch.set_num_threads(torch_threads)  # torch counts cores, not a cgroup CPU quota
-            seed_offset = checkpoint["progress"]["global_step"] if checkpoint is not None else 0
+            seed_offset = checkpoint["progress"]["global_step"] if checkpoint is not None else 0  # new env seeds
+            evaluator = Evaluator if args.eval_episodes > 0 else None
             with Supervisor(args, run_name, replay_kwargs, Actor, (args, observation_space, n_actions, seed_offset),
-                            Evaluator if args.eval_episodes > 0 else None, (args, observation_space, n_actions)) \
-                    as supervisor:  # the roles stopped however this ends
+                            evaluator, (args, observation_space, n_actions)) as supervisor:  # stopped however this ends
                 supervisor.describe()
                 stop.check()
                 return Learner(args, sources, run_name, checkpoint, supervisor, observation_space, n_actions,
@@ -689,8 +689,8 @@ def main(args: Args, argv: list[str] | None = None) -> int:
             stop.restore()
 
 
-# RAY ROLES: the actors, the evaluator and the learner. The replay shards, the param store and the
-# supervisor that starts and watches them all: ray_replay.py, ray_param_store.py, ray_supervisor.py
+# RAY ROLES: the actors, the evaluator and the learner (the replay shards and the param store:
+# ray_replay.py, ray_param_store.py; the supervisor that starts and watches them all: ray_supervisor.py)
 class Actor:
     """The paper's actor as a Ray actor (one CPU): steps --num-envs-per-actor envs with ε-greedy
     actions of a CPU copy of the network (EnvActor), env j of actor i on rung i·E + j of the ε
@@ -871,7 +871,7 @@ class Learner:
                         progress["next_checkpoint"] += args.checkpoint_interval
                     self.write_checkpoint()
 
-            return self.finish(evaluation)
+            return self.finish(evaluation, global_step)
         except StopRun as e:
             print(f"r2d2_ray.py: stopping at step {global_step:,}: {e}", file=sys.stderr, flush=True)
             if e.checkpoint and args.checkpoint_interval > 0:
@@ -885,11 +885,10 @@ class Learner:
             bar.close()
             writer.close()
 
-    def finish(self, evaluation) -> int:
+    def finish(self, evaluation, global_step: int) -> int:
         """After the last step: the losses of the run's last seconds, the evaluation out, and the
         final one (of the saved model with --save-model). Returns 0."""
-        args, progress, writer = self.args, self.progress, self.writer
-        global_step, updates = progress["global_step"], progress["updates"]
+        args, progress, writer, updates = self.args, self.progress, self.writer, self.progress["updates"]
         for role, old_node, new_node in self.supervisor.settle(self.stop):  # a loss in the last seconds is reported too
             self.restore(role, old_node, new_node)
         if evaluation is not None:

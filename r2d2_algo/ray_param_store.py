@@ -161,6 +161,7 @@ class ParamFetcher:
         return True
 
     def first(self) -> None:
+        """Wait for the learner's first params (asking every second) and load them."""
         while self.version < 0:
             self.load(*ray.get(self.store.fetch.remote(self.version, 1.0)))
 
