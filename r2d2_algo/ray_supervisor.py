@@ -5,7 +5,9 @@ restarted or rebuilt, and stops them all.
   the script hands in, its actor and evaluator classes (constructed as
   ``Actor(actor_id, shard_name, store_name, *actor_arguments)`` and
   ``Evaluator(*evaluator_arguments)``). ``--role-nodes`` places them (``role_nodes``); each one's
-  node is printed at start.
+  node is printed at start. The code of the script's roles and of the plumbing they use goes to
+  Ray's workers by value (cloudpickle): a cluster's nodes need only an r2d2_algo installed, as
+  before the plumbing left the script, not the same one.
 - An actor that dies is restarted by Ray (--max-actor-restarts, Ray's max_restarts): its acting
   loop ends with an error, the supervisor pings it until Ray has restarted it, then starts the
   loop again (``check``).
@@ -27,6 +29,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from r2d2_algo import ray_param_store, ray_replay, ray_start
 from r2d2_algo.limits import size
 from r2d2_algo.ray_param_store import ParamStore
 from r2d2_algo.ray_replay import ReplayShard, shard_of, shard_quotas
@@ -72,6 +75,10 @@ class Supervisor:
     def __init__(self, args, run_name: str, replay_arguments: list[dict], actor: type, actor_arguments: tuple,
                  evaluator: type | None, evaluator_arguments: tuple):
         self.args = args
+        # the roles' plumbing goes to Ray's workers by value, as the script's own classes do: a cluster's
+        # nodes need an r2d2_algo installed (storage.py, model.py, ...) but not these modules of it
+        for module in (ray_param_store, ray_replay, ray_start):
+            ray.cloudpickle.register_pickle_by_value(module)
         nodes = {node["NodeManagerAddress"]: node["NodeID"] for node in ray.nodes() if node["Alive"]}
         placed = role_nodes(args)
         for role, ip in placed.items():
