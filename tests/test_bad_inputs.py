@@ -76,7 +76,7 @@ SPECIFIC = {
                     (["--ray-plasma-directory", "/no/such/folder"], "--ray-plasma-directory '/no/such/folder' is not a "
                                                                    "writable folder"),
                     (["--role-nodes", "shard=10.0.0.5"], "--role-nodes: 'shard=10.0.0.5' is not ROLE=NODE_IP"),
-                    (["--num-actors", "2", "--role-nodes", "env-worker-2=10.0.0.5"], "env-worker-0..1")],
+                    (["--num-actors", "2", "--role-nodes", "actor-2=10.0.0.5"], "actor-0..1")],
 }
 CASES = [(script, argv, words) for script in SCRIPTS for argv, words in COMMON + SPECIFIC[script]]
 
@@ -96,7 +96,7 @@ def clean(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(r2d2_script, "make_vector_env", tripwire)
     monkeypatch.setattr(r2d2_mp, "Processes", tripwire)
-    monkeypatch.setattr(r2d2_ray, "start_ray", tripwire)
+    monkeypatch.setattr(r2d2_ray, "ray_session", tripwire)
     before = set(os.listdir("/dev/shm"))
     yield tmp_path
     assert set(os.listdir("/dev/shm")) <= before, "a /dev/shm entry left behind"

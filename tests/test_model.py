@@ -223,11 +223,12 @@ def test_a_weight_load_keeps_each_parameters_device_dtype_and_storage(device, ve
 
 def test_every_script_loads_published_weights_in_place(device, monkeypatch):
     """The weight loads of the scripts themselves: r2d2_mp.py's load_published_weights (actors,
-    evaluator, central inference) and r2d2_ray.py's env worker and evaluator (Ray's object store
-    hands them a read-only array; ray.get is replaced by the identity here)."""
+    evaluator, central inference) and r2d2_ray.py's published params, as its actors
+    (ray_param_store.ParamFetcher) and its evaluator (ray_param_store.load_params) load them (Ray's
+    object store hands them a read-only array; ray.get is replaced by the identity here)."""
     import threading
 
-    from r2d2_algo import r2d2_mp, r2d2_ray
+    from r2d2_algo import r2d2_mp, ray_param_store
     from torch.nn.utils import parameters_to_vector
 
     torch.manual_seed(6)
@@ -241,20 +242,16 @@ def test_every_script_loads_published_weights_in_place(device, monkeypatch):
     assert parameter_layout(net) == before
     torch.testing.assert_close(parameters_to_vector(net.parameters()).cpu(), torch.from_numpy(vector).float())
 
-    monkeypatch.setattr(r2d2_ray.ray, "get", lambda ref: ref)
+    monkeypatch.setattr(ray_param_store.ray, "get", lambda ref: ref)
     read_only = vector.copy()
     read_only.flags.writeable = False
-    for role in (r2d2_ray.EnvWorker, r2d2_ray.Evaluator):
-        worker = object.__new__(role)  # the load alone, without Ray
-        worker.net = RNNQNetwork(space, 2, "lstm", 8, 8, 8).to(device)
-        worker.version = -1
-        before = parameter_layout(worker.net)
-        if role is r2d2_ray.EnvWorker:
-            worker.refresh(3, [read_only])
+    for role in ("actor", "evaluator"):
+        net = RNNQNetwork(space, 2, "lstm", 8, 8, 8).to(device)  # the load alone, without Ray
+        before = parameter_layout(net)
+        if role == "actor":
+            fetcher = ray_param_store.ParamFetcher(None, net)
+            assert fetcher.load(3, [read_only]) and fetcher.version == 3
         else:
-            monkeypatch.setattr(r2d2_ray, "evaluate", lambda *args, **kwargs: ([0.0], None))
-            worker.args = r2d2_ray.Args(eval_episodes=1)
-            worker.evaluate([read_only], 0)
-        assert parameter_layout(worker.net) == before
-        torch.testing.assert_close(parameters_to_vector(worker.net.parameters()).cpu(),
-                                   torch.from_numpy(vector).float())
+            ray_param_store.load_params(net, [read_only])
+        assert parameter_layout(net) == before
+        torch.testing.assert_close(parameters_to_vector(net.parameters()).cpu(), torch.from_numpy(vector).float())

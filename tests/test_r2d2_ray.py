@@ -1,5 +1,6 @@
-"""r2d2_ray.py end to end on an embedded Ray (CPU): a short run, a killed env worker, Ctrl-C,
-bad addresses. Ray's files go to a temporary folder per test (RAY_TMPDIR, HOME), and every test
+"""r2d2_ray.py end to end on an embedded Ray (CPU): a short run, a killed actor, Ctrl-C,
+bad addresses (the plumbing's own tests: test_ray_replay, test_ray_param_store, test_ray_supervisor,
+test_ray_start). Ray's files go to a temporary folder per test (RAY_TMPDIR, HOME), and every test
 checks that no Ray process and no /dev/shm entry of the run is left behind."""
 
 import glob
@@ -49,12 +50,12 @@ def ray_processes():
             if "raylet" in cmdline or "gcs_server" in cmdline or cmdline.startswith("ray::")]
 
 
-def env_worker_pids(proc) -> list[int]:
-    """PIDs of the live EnvWorker processes of the run ``proc`` (its embedded Ray's processes are
-    its descendants: another run's workers on the machine are not counted)."""
+def actor_pids(proc) -> list[int]:
+    """PIDs of the live processes of the run ``proc``'s actors (its embedded Ray's processes are
+    its descendants: another run's actors on the machine are not counted)."""
     ours = {int(entry.split(":")[0]) for entry in processes.descendants(proc.pid)}
     cmdlines = command_lines()
-    return [pid for pid in ray_processes() if pid in ours and "EnvWorker" in cmdlines.get(pid, "")]
+    return [pid for pid in ray_processes() if pid in ours and cmdlines.get(pid, "").startswith("ray::Actor")]
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_short_run_on_embedded_ray(tmp_path, ray_home):
     assert proc.returncode == 0, err
     workers = [line for line in (out + err).splitlines() if "pid=" in line]
     assert marker in out and any(marker in line for line in workers), out + err
-    assert "env worker 0 on node 127.0.0.2" in out and "replay shard 1 on node 127.0.0.2" in out
+    assert "actor 0 on node 127.0.0.2" in out and "replay shard 1 on node 127.0.0.2" in out
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     acc = EventAccumulator(run_dir)
     acc.Reload()
@@ -137,28 +138,28 @@ def episode_cuts(replay: dict, max_length: int = 400) -> dict[int, int]:
     return cuts
 
 
-def test_killed_env_worker_is_restarted(tmp_path, ray_home):
-    """SIGKILL one env worker mid-run: Ray restarts it once (a call made while it restarts is not
-    a second death), the run logs it and exits 0. The other worker is held stopped until the run
-    has gone 3,000 steps past the death, so those steps are the restarted worker's. The replay of
-    the last checkpoint holds exactly the killed worker's two streams cut by a truncation mark, new
+def test_killed_actor_is_restarted(tmp_path, ray_home):
+    """SIGKILL one actor mid-run: Ray restarts it once (a call made while it restarts is not a
+    second death), the run logs it and exits 0. The other actor is held stopped until the run has
+    gone 3,000 steps past the death, so those steps are the restarted actor's. The replay of the
+    last checkpoint holds exactly the killed actor's two streams cut by a truncation mark, new
     steps after each cut, and no episode start without an end before it."""
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "12000", "--eval-episodes", "0",
                  "--checkpoint-interval", "1000")
     read_until_step(proc, 3000)
-    workers = env_worker_pids(proc)
-    assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
+    actors = actor_pids(proc)
+    assert len(actors) == 2
+    os.kill(actors[0], signal.SIGKILL)
     errors = []
     while not errors or "died at step" not in errors[-1]:
         errors.append(proc.stderr.readline())
         assert errors[-1], "".join(errors)
-    killed, died_at = re.search(r"env worker (\d) died at step ([\d,]+)", errors[-1]).groups()
-    os.kill(workers[1], signal.SIGSTOP)
+    killed, died_at = re.search(r"actor (\d) died at step ([\d,]+)", errors[-1]).groups()
+    os.kill(actors[1], signal.SIGSTOP)
     try:
         read_until_step(proc, int(died_at.replace(",", "")) + 3000)
     finally:
-        os.kill(workers[1], signal.SIGCONT)
+        os.kill(actors[1], signal.SIGCONT)
     out, err = proc.communicate(timeout=400)
     err = "".join(errors) + err
     assert proc.returncode == 0, err
@@ -167,16 +168,16 @@ def test_killed_env_worker_is_restarted(tmp_path, ray_home):
     checkpoint = load_checkpoint(checkpoint_file)
     (shard,) = from_storable(checkpoint["replay_shards"])
     cuts = episode_cuts(shard["replay"])
-    E = 2  # --num-envs-per-actor: worker i's streams are i*E, i*E + 1
+    E = 2  # --num-envs-per-actor: actor i's streams are i*E, i*E + 1
     assert sorted(cuts) == [int(killed) * E, int(killed) * E + 1], cuts
-    assert min(cuts.values()) >= 1000, cuts  # the restarted worker's steps (3,000 and more, over 2 streams)
+    assert min(cuts.values()) >= 1000, cuts  # the restarted actor's steps (3,000 and more, over 2 streams)
 
 
 def test_a_death_beyond_max_actor_restarts_stops_the_run(tmp_path, ray_home):
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "10000000", "--max-actor-restarts", "0")
     try:
         read_until_step(proc, 2000)
-        (victim, _) = env_worker_pids(proc)
+        (victim, _) = actor_pids(proc)
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
     finally:  # a run that did not stop must not go on beside the next tests
@@ -257,96 +258,6 @@ def test_bad_ray_address_is_one_line(tmp_path, ray_home, address, message):
     assert proc.returncode != 0 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_weight_store_publishes_on_request_and_rate_limits():
-    """The WeightStore's protocol (its async methods, without Ray): a worker asking with the newest
-    version marks the weights wanted and gets the next publication as soon as it is made; a worker
-    whose shard holds the steps the learner allows waits until the learner allows more (and then
-    gets the newest weights), and a store that was never published to allows nothing.
-    (Before: the learner published every --actor-update-interval *learner updates*, unasked; the
-    limit was a flag the learner had to set, so a stalled learner never stopped the workers.)"""
-    import asyncio
-
-    sys.path.insert(0, str(ROOT / "r2d2_algo"))
-    from r2d2_ray import WeightStore
-
-    async def protocol():
-        store = WeightStore(2)
-        assert await store.allowance(0, 0, -1, 0.05) == (-1, None, 0.0)  # nothing published: wait
-        await store.publish(0, ["w0"], [100.0, 50.0])
-        assert await store.newer(-1, 5.0) == (0, ["w0"])  # newer ones: at once
-        assert await store.newer(0, 0.05) == (0, None)  # nothing newer: waits, then none
-        wanted = asyncio.ensure_future(store.wanted())
-        await asyncio.sleep(0)
-        assert wanted.done()  # the learner has seen the ask (it publishes after its next update)
-        asking = asyncio.ensure_future(store.newer(0, 5.0))
-        await asyncio.sleep(0.05)
-        assert not asking.done()
-        await store.publish(1, ["w1"], [100.0, 50.0])
-        assert await asyncio.wait_for(asking, 1.0) == (1, ["w1"])
-
-        assert await store.allowance(0, 99, 1, 5.0) == (1, None, 100.0)  # within the allowance: at once
-        waiting = asyncio.ensure_future(store.allowance(1, 50, 1, 5.0))  # shard 1 holds its 50: wait
-        wanted = asyncio.ensure_future(store.wanted())
-        await asyncio.sleep(0.05)
-        assert not waiting.done() and wanted.done()  # ... and newer weights are asked for
-        await store.allow([100.0, 50.0])  # an allowance that is no larger: still waiting
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
-        await store.publish(7, ["w7"], [120.0, 60.0])  # the learner caught up: resume on update 7
-        assert await asyncio.wait_for(waiting, 1.0) == (7, ["w7"], 60.0)
-        await store.allow([float("inf")] * 2)
-        assert await store.allowance(1, 10**9, 7, 5.0) == (7, None, float("inf"))
-
-    asyncio.run(protocol())
-
-
-def test_the_end_of_a_run_waits_for_the_roles_to_say_where_they_are(ray_home, monkeypatch, capsys):
-    """``Cluster.settle``, the last look of a run at the roles Ray rebuilds (an in-process Ray, CPU):
-    a role whose answer comes 2 s after the run's last step from a new incarnation (Ray rebuilt it
-    after its node was lost) is returned as rebuilt, one that answers from its old incarnation is
-    not, and one that never answers is named after SETTLE_S seconds instead of hanging the exit.
-    (Before: the run exited at its last step; a role whose rebuild was answered after it was never
-    reported or counted, as in a CI run where the evaluator lost with its node went unsaid.)"""
-    import types
-
-    import ray
-
-    sys.path.insert(0, str(ROOT / "r2d2_algo"))
-    import r2d2_ray
-
-    class Role:
-        def __init__(self, answer: tuple, delay: float):
-            self.answer, self.delay = answer, delay
-
-        def node(self) -> tuple:
-            time.sleep(self.delay)
-            return self.answer
-
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_home, configure_logging=False, log_to_driver=False)
-    try:
-        role = ray.remote(num_cpus=0)(Role)
-        cluster = object.__new__(r2d2_ray.Cluster)
-        cluster.rebuilt = {"the evaluator": role.remote(("127.0.0.9", "second"), 2.0),
-                           "the weight store": role.remote(("127.0.0.2", "store"), 0.0)}
-        cluster.where = {"the evaluator": ("127.0.0.4", "first"), "the weight store": ("127.0.0.2", "store")}
-        cluster.asking, cluster.watched = {}, 0.0
-        stop = types.SimpleNamespace(check=lambda: None)
-        started = time.time()
-        assert cluster.settle(stop) == [("the evaluator", "127.0.0.4", "127.0.0.9")]
-        assert time.time() - started >= 2.0
-        assert cluster.where["the evaluator"] == ("127.0.0.9", "second") and not cluster.asking
-
-        monkeypatch.setattr(r2d2_ray, "SETTLE_S", 1.0)
-        cluster.rebuilt["the evaluator"] = role.remote(("127.0.0.9", "third"), 600.0)
-        started = time.time()
-        assert cluster.settle(stop) == []
-        assert time.time() - started < 10
-        assert ("the evaluator had not answered where it is 1 s after the run's last step; not waiting longer"
-                in capsys.readouterr().err)
-    finally:
-        ray.shutdown()
-
-
 def test_checkpoint_and_resume(tmp_path, ray_home):
     """SIGTERM writes a final checkpoint (exit 143); --resume continues the same run from its step
     and updates, with the shards' replay; a changed algorithm argument is refused in one line.
@@ -358,7 +269,7 @@ def test_checkpoint_and_resume(tmp_path, ray_home):
     (a race CI once lost without the hold).
 
     The hold also shows the rate limit (--min-replay-ratio) holding while the learner is away: the
-    shards stop the env workers at the allowance of the learner's last update (learning starts +
+    shards stop the actors at the allowance of the learner's last update (learning starts +
     trained observations / 2), so the checkpoint holds no more steps than that, and the pushes in
     flight (the learner's flag, set between its updates, let them run on for the whole 15 s)."""
     proc = start(tmp_path, ray_home, *SMALL, "--total-timesteps", "100000", "--eval-episodes", "0",
@@ -375,7 +286,7 @@ def test_checkpoint_and_resume(tmp_path, ray_home):
     step, updates = checkpoint["progress"]["global_step"], checkpoint["progress"]["updates"]
     assert step >= 3000 and updates > 0 and from_storable(checkpoint["replay_shards"])[0]["replay"] is not None
     allowed = 1000 + (updates + 1) * 16 * 8 / 2  # --learning-starts, SMALL's batches; and an update in flight
-    assert step <= allowed + 2 * 2 * 10 * 2, (step, allowed)  # + 2 pushes of 10 steps × 2 envs per worker
+    assert step <= allowed + 2 * 2 * 10 * 2, (step, allowed)  # + 2 pushes of 10 steps × 2 envs per actor
 
     proc = start(tmp_path, ray_home, "--resume", folder, "--gamma", "0.9")
     out, err = proc.communicate(timeout=60)

@@ -2,8 +2,8 @@
 127.0.0.3 to 127.0.0.6 (1 CPU each), node death detected in ~3 s (the head's health checks).
 Each test places the run's roles with --role-nodes, SIGKILLs the raylet of a node of its own
 mid-run (what a crashed machine or a lost network link looks like) and checks the outcome: the
-roles on it are rebuilt elsewhere (an env worker restarted, the weight store from the learner's
-weights, the evaluator, a replay shard from the last checkpoint) and the run finishes with exit
+roles on it are rebuilt elsewhere (an actor restarted, the param store from the learner's
+params, the evaluator, a replay shard from the last checkpoint) and the run finishes with exit
 0, at --total-timesteps plus at most the pushes in flight, with the rate limit held, and nothing
 of it left on the machine."""
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAD, NODE_3, NODE_4, NODE_5, NODE_6 = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"
 PORT = 6393
 TOTAL, KILL_AT = 5000, 2000
-# the rate limit paces the env workers at the learner's speed (~400 steps/s here): the run outlasts
+# the rate limit paces the actors at the learner's speed (~400 steps/s here): the run outlasts
 # a recovery (~6 s from the kill: 3 s to see the death, 3 s to rebuild) on a faster machine too
 REPLAY_RATIO = 8
 PUSH, ENVS, ACTORS = 10, 2, 2  # --actor-push-interval, --num-envs-per-actor, --num-actors
@@ -125,10 +125,10 @@ def final_step_and_updates(out: str) -> tuple[int, int]:
 
 def assert_finished_within_limits(code: int, out: str, err: str) -> None:
     """Exit 0, no traceback, a final evaluation; the final step within TOTAL plus the pushes in
-    flight (2 per worker), and the rate limit held: trained observations (updates × 16 × 8) at
+    flight (2 per actor), and the rate limit held: trained observations (updates × 16 × 8) at
     least 95 % of --min-replay-ratio × the steps after learning started, less those pushes (the
-    shard stops a worker at the allowance the learner's last update gave, whatever the learner is
-    doing; a limit the learner set only between its updates let the workers run at 0.4 of it)."""
+    shard stops an actor at the allowance the learner's last update gave, whatever the learner is
+    doing; a limit the learner set only between its updates let the actors run at 0.4 of it)."""
     assert code == 0, err
     assert "Traceback" not in err, err
     step, updates = final_step_and_updates(out)
@@ -137,21 +137,21 @@ def assert_finished_within_limits(code: int, out: str, err: str) -> None:
     assert updates * 16 * 8 >= 0.95 * REPLAY_RATIO * (step - 1000 - in_flight), (updates, step)
 
 
-def test_losing_a_node_with_an_env_worker_restarts_it_elsewhere(tmp_path, cluster):
-    code, out, err = run_and_kill(tmp_path, cluster, f"env-worker-1={NODE_3},env-worker-0={HEAD},weight-store={HEAD},"
+def test_losing_a_node_with_an_actor_restarts_it_elsewhere(tmp_path, cluster):
+    code, out, err = run_and_kill(tmp_path, cluster, f"actor-1={NODE_3},actor-0={HEAD},param-store={HEAD},"
                                   f"evaluator={HEAD},replay-shard-0={HEAD}", NODE_3)
-    assert f"env worker 1 on node {NODE_3}" in out
-    assert re.search(r"env worker 1 died at step [\d,]+; restart 1 of 3", err), err
-    assert re.search(r"env worker 1 restarted on node 127\.0\.0\.[2456]", err), err
+    assert f"actor 1 on node {NODE_3}" in out
+    assert re.search(r"actor 1 died at step [\d,]+; restart 1 of 3", err), err
+    assert re.search(r"actor 1 restarted on node 127\.0\.0\.[2456]", err), err
     assert_finished_within_limits(code, out, err)
 
 
-def test_losing_the_node_of_the_weight_store_and_evaluator_rebuilds_both(tmp_path, cluster):
-    code, out, err = run_and_kill(tmp_path, cluster, f"weight-store={NODE_4},evaluator={NODE_4},replay-shard-0={HEAD},"
-                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_4, "--eval-interval", "2500")
-    assert f"weight store on node {NODE_4}" in out and f"evaluator on node {NODE_4}" in out
-    assert re.search(rf"the weight store was lost with node {re.escape(NODE_4)}; rebuilt on node 127\.0\.0\.\d "
-                     r"from the learner's weights", err), err
+def test_losing_the_node_of_the_param_store_and_evaluator_rebuilds_both(tmp_path, cluster):
+    code, out, err = run_and_kill(tmp_path, cluster, f"param-store={NODE_4},evaluator={NODE_4},replay-shard-0={HEAD},"
+                                  f"actor-0={HEAD},actor-1={HEAD}", NODE_4, "--eval-interval", "2500")
+    assert f"param store on node {NODE_4}" in out and f"evaluator on node {NODE_4}" in out
+    assert re.search(rf"the param store was lost with node {re.escape(NODE_4)}; rebuilt on node 127\.0\.0\.\d "
+                     r"from the learner's params", err), err
     assert re.search(rf"the evaluator was lost with node {re.escape(NODE_4)}; rebuilt on node", err), err
     assert_finished_within_limits(code, out, err)
     evaluations = [int(s.replace(",", "")) for s in re.findall(r"step ([\d,]+): eval return", out)]
@@ -159,8 +159,8 @@ def test_losing_the_node_of_the_weight_store_and_evaluator_rebuilds_both(tmp_pat
 
 
 def test_losing_the_node_of_a_replay_shard_rebuilds_it_from_the_checkpoint(tmp_path, cluster):
-    code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={NODE_5},weight-store={HEAD},evaluator={HEAD},"
-                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_5, "--checkpoint-interval", "2000",
+    code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={NODE_5},param-store={HEAD},evaluator={HEAD},"
+                                  f"actor-0={HEAD},actor-1={HEAD}", NODE_5, "--checkpoint-interval", "2000",
                                   after="checkpoint written")
     assert f"replay shard 0 on node {NODE_5}" in out
     rebuilt = re.search(rf"replay shard 0 was lost with node {re.escape(NODE_5)}; rebuilt on node 127\.0\.0\.\d from "
@@ -170,7 +170,7 @@ def test_losing_the_node_of_a_replay_shard_rebuilds_it_from_the_checkpoint(tmp_p
 
 
 def test_losing_a_node_that_holds_nothing_changes_nothing(tmp_path, cluster):
-    code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={HEAD},weight-store={HEAD},evaluator={HEAD},"
-                                  f"env-worker-0={HEAD},env-worker-1={HEAD}", NODE_6)
+    code, out, err = run_and_kill(tmp_path, cluster, f"replay-shard-0={HEAD},param-store={HEAD},evaluator={HEAD},"
+                                  f"actor-0={HEAD},actor-1={HEAD}", NODE_6)
     assert "lost with node" not in err and "died" not in err, err
     assert_finished_within_limits(code, out, err)
