@@ -13,7 +13,7 @@ whose driver died without stopping it.
 - Run as a script, the reaper. When its driver dies (SIGKILL, the OOM killer), Ray takes the
   raylet, the GCS and every worker down at once, but its dashboard and runtime-env agents first
   wait 60 s on the dead GCS (to report the raylet's death), and nothing removes the session
-  folder. ``r2d2_ray.py`` therefore starts this file right after ``ray.init``, in a new session
+  folder. ``ray_start.ray_session`` therefore starts this file right after ``ray.init``, in a new session
   (signals to the run's process group do not reach it):
 
       python r2d2_algo/processes.py FOLDER PID:START_TIME ...
