@@ -324,9 +324,9 @@ def test_an_arena_too_small_for_the_data_loses_its_oldest_windows_never_samples_
     windows hold what was written; the uncompressed replay keeps more."""
     plain = make(num_streams=2, capacity=2 * 24, overwrite_margin=margin)
     packed = make(num_streams=2, capacity=2 * 24, overwrite_margin=margin, compression="zstd", bytes_per_frame=20)
-    writer = Writer([plain, packed], seed=8, noisy=0.5)
+    writer = Writer([plain, packed], seed=8, noisy=0.4)
     rng = np.random.default_rng(9)
-    smaller = 0
+    smaller = round_trips = 0
     for _ in range(200):
         writer.write(1, streams_per_call=1)
         got = {(e, int(k)) for e in range(2) for k in packed.sequence_id[e] if k >= 0}
@@ -341,12 +341,16 @@ def test_an_arena_too_small_for_the_data_loses_its_oldest_windows_never_samples_
             assert (batch.sequence_ids >= 0).all()
             for b in range(8):
                 check_frames(packed, writer, batch, b)
-    assert smaller > 50
+            if got and rng.random() < 0.1:  # checkpoints save the intact chunks' bytes only
+                resumed = make(num_streams=2, capacity=2 * 24, overwrite_margin=margin, compression="zstd",
+                               bytes_per_frame=20)
+                resumed.load_state_dict(packed.state_dict())
+                np.testing.assert_array_equal(resumed.sequence_id, packed.sequence_id)
+                assert_batches_equal(resumed.sample(8, np.random.default_rng(1)),
+                                     packed.sample(8, np.random.default_rng(1)))
+                round_trips += 1
+    assert smaller > 50 and round_trips > 3
     assert packed.sampleable_fraction() < plain.sampleable_fraction()
-    resumed = make(num_streams=2, capacity=2 * 24, overwrite_margin=margin, compression="zstd", bytes_per_frame=20)
-    resumed.load_state_dict(packed.state_dict())  # only the intact chunks' bytes are saved
-    np.testing.assert_array_equal(resumed.sequence_id, packed.sequence_id)
-    assert_batches_equal(resumed.sample(8, np.random.default_rng(1)), packed.sample(8, np.random.default_rng(1)))
 
 
 def test_state_dict_round_trip_resumes_bit_for_bit_and_is_smaller():
