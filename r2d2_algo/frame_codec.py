@@ -114,6 +114,37 @@ class FrameCodec:
             raise ChunkError(f"{self.name}: {len(out)} bytes decompressed, {nbytes} expected")
         return out
 
+    def decompress_into(self, data, out: np.ndarray) -> None:
+        """Decompress ``data`` into ``out``, a C-contiguous array of exactly the decompressed size.
+        zstd writes there directly: no new buffer per call (a chunk's 141 kB, above malloc's mmap
+        threshold, would otherwise be mapped and faulted in afresh each time).
+
+        Raises:
+            ChunkError: the bytes are not one compressed chunk of ``out.nbytes`` bytes.
+        """
+        if self.kind == "lz4":
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(self.decompress(data, out.nbytes), np.uint8)
+            return
+        context = getattr(self._local, "decompressor", None)
+        if context is None:
+            context = self._local.decompressor = self._zstd.ZstdDecompressor()
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        try:
+            with context.stream_reader(data, read_across_frames=False) as reader:
+                count = reader.readinto(target)
+                while 0 < count < out.nbytes:  # a reader may stop early at its input's end
+                    step = reader.readinto(target[count:])
+                    if step == 0:
+                        break
+                    count += step
+                if count == out.nbytes and reader.read(1):
+                    count += 1  # the frame holds more
+        except Exception as e:  # noqa: BLE001 - the library's own error type for bad input
+            raise ChunkError(f"{self.name}: {e}") from None
+        if count != out.nbytes:
+            raise ChunkError(f"{self.name}: {'more than ' if count > out.nbytes else ''}{min(count, out.nbytes)} bytes "
+                             f"decompressed, {out.nbytes} expected")
+
 
 class CompressedFrames:
     """The compressed frame store of ``num_streams`` streams (module docstring for the layout).
@@ -221,37 +252,52 @@ class CompressedFrames:
             receipt: what ``intact`` needs to tell whether each window was overwritten meanwhile.
         """
         K, N, A, R = self.frames_per_chunk, self.table_slots, self.arena_nbytes, self.staging_frames
-        B = len(streams)
+        streams, first = np.asarray(streams, dtype=np.int64), np.asarray(first, dtype=np.int64)
+        B, end = len(streams), first + length
         out = np.empty((length, B, *self.frame_shape), dtype=self.dtype)
         arena_from = np.full(B, INTACT, dtype=np.int64)  # lowest arena offset read per window
         staging_from = np.full(B, INTACT, dtype=np.int64)  # first frame read from staging per window
         failed = np.zeros(B, dtype=bool)
-        complete = np.asarray(frames_written, dtype=np.int64) // K
-        needed: dict[tuple[int, int], list[int]] = {}
-        for b, (e, f0, done) in enumerate(zip(streams.tolist(), first.tolist(), complete.tolist())):
-            end = f0 + length
-            for chunk in range(f0 // K, min((end - 1) // K + 1, done)):
-                needed.setdefault((e, chunk), []).append(b)
-            if end > done * K:  # the newest frames: their chunk is not compressed yet
-                s0 = max(f0, done * K)
-                staging_from[b] = s0
-                out[s0 - f0 :, b] = self.staging[e, np.arange(s0, end) % R]
-        for (e, chunk), windows in needed.items():
-            offset = int(self.chunk_offset[e, chunk % N])
-            nbytes = int(self.chunk_nbytes[e, chunk % N])
-            arena_from[windows] = np.minimum(arena_from[windows], offset)
-            position = offset % A
-            try:
-                if not 0 < nbytes <= A - position:
-                    raise ChunkError(f"chunk table entry ({offset}, {nbytes}) outside the arena")
-                data = self.codec.decompress(self.arena[e, position : position + nbytes], self.chunk_nbytes_raw)
-            except ChunkError:
-                failed[windows] = True  # overwritten while read, or a bug: ``intact`` tells which
-                continue
-            frames = np.frombuffer(data, dtype=self.dtype).reshape(K, *self.frame_shape)
-            for b in windows:
-                lo, hi = max(int(first[b]), chunk * K), min(int(first[b]) + length, (chunk + 1) * K)
-                out[lo - first[b] : hi - first[b], b] = frames[lo - chunk * K : hi - chunk * K]
+        done = np.asarray(frames_written, dtype=np.int64) // K  # chunks complete: in the arena
+        # the newest frames, whose chunk is not compressed yet, from staging
+        for b in np.flatnonzero(end > done * K).tolist():
+            staging_from[b] = max(first[b], done[b] * K)
+            out[staging_from[b] - first[b] :, b] = self.staging[streams[b], np.arange(staging_from[b], end[b]) % R]
+        # the others: (window, chunk) pairs, window by window, chunks in order
+        low = first // K
+        chunk = low[:, None] + np.arange(max(int((np.minimum((end - 1) // K + 1, done) - low).max(initial=0)), 0))
+        window, j = np.nonzero(chunk < np.minimum((end - 1) // K + 1, done)[:, None])
+        chunk = chunk[window, j]
+        if len(chunk) == 0:
+            return out, (arena_from, staging_from, failed)
+        stream = streams[window]
+        offset = self.chunk_offset[stream, chunk % N]
+        nbytes = self.chunk_nbytes[stream, chunk % N]
+        np.minimum.at(arena_from, window, offset)
+        t_lo = np.maximum(first[window], chunk * K) - first[window]  # where each pair's frames go in the window
+        t_hi = np.minimum(end[window], chunk * K + K) - first[window]
+        s_lo = t_lo + first[window] - chunk * K  # and where they are in the chunk
+        # each (stream, chunk) decompressed once, into one reused buffer, then copied to its windows
+        unique, once, which = np.unique(stream * (1 << 40) + chunk, return_index=True, return_inverse=True)
+        order = np.argsort(which, kind="stable")
+        scratch = np.empty((K, *self.frame_shape), dtype=self.dtype)
+        decoded = -1
+        for p, u in zip(order.tolist(), which[order].tolist()):
+            if u != decoded:
+                decoded, ok = u, True
+                e, at, size = int(stream[p]), int(offset[p]), int(nbytes[p])
+                position = at % A
+                try:  # bytes overwritten while read may fail: ``intact`` tells
+                    if not 0 < size <= A - position:
+                        raise ChunkError(f"chunk table entry ({at}, {size}) outside the arena")
+                    self.codec.decompress_into(self.arena[e, position : position + size], scratch)
+                except ChunkError:
+                    ok = False
+            b, lo, hi, s = int(window[p]), int(t_lo[p]), int(t_hi[p]), int(s_lo[p])
+            if ok:
+                out[lo:hi, b] = scratch[s : s + hi - lo]
+            else:
+                failed[b] = True
         return out, (arena_from, staging_from, failed)
 
     def intact(self, receipt, streams: np.ndarray, frames_written_after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -341,31 +341,37 @@ class SequenceReplayBuffer:
         self.obs_shape = tuple(obs_shape)
         self.state_size = state_size
 
+        self.shared: dict[str, np.ndarray] = {}  # every array allocated through ``allocate``, by name
+
+        def allocate_shared(name, shape, dtype):
+            self.shared[name] = allocate(name, shape, dtype)
+            return self.shared[name]
+
         E, C = num_streams, self.capacity_per_stream
         self.slots_per_stream = C // self.period
         S = self.slots_per_stream
         self.stored_obs_shape = self.obs_shape[1:] if frame_stack > 1 else self.obs_shape
         self.obs_compression = obs_compression
         if obs_compression is None:
-            self.obs = allocate("obs", (E, C, *self.stored_obs_shape), obs_dtype)
+            self.obs = allocate_shared("obs", (E, C, *self.stored_obs_shape), obs_dtype)
             self.frames = None
         else:  # step i's frame is frame i + h of its stream (frame_codec.py): a window begins a chunk
             self.obs = None
             self.frames = CompressedFrames(E, C, self.stored_obs_shape, obs_dtype, FrameCodec(obs_compression),
                                            frames_per_chunk or frames_per_chunk_for(self.period),
                                            compressed_bytes_per_frame, overwrite_margin, self.history_length,
-                                           allocate)
+                                           allocate_shared)
             # a window stops being sampleable this many bytes before its first chunk is overwritten
             self.arena_margin = overwrite_margin * compressed_bytes_per_frame
-        self.action = allocate("action", (E, C), np.int64)
-        self.reward = allocate("reward", (E, C), np.float32)
-        self.first = allocate("first", (E, C), np.bool_)
-        self.terminated = allocate("terminated", (E, C), np.bool_)
-        self.truncated = allocate("truncated", (E, C), np.bool_)
-        self.stored_state = allocate("stored_state", (E, S, state_size), np.float32)
-        self.start_prev_action = allocate("start_prev_action", (E, S), np.int64)
-        self.start_prev_reward = allocate("start_prev_reward", (E, S), np.float32)
-        self.write_count = allocate("write_count", (E,), np.int64)  # steps written per stream (by its writer)
+        self.action = allocate_shared("action", (E, C), np.int64)
+        self.reward = allocate_shared("reward", (E, C), np.float32)
+        self.first = allocate_shared("first", (E, C), np.bool_)
+        self.terminated = allocate_shared("terminated", (E, C), np.bool_)
+        self.truncated = allocate_shared("truncated", (E, C), np.bool_)
+        self.stored_state = allocate_shared("stored_state", (E, S, state_size), np.float32)
+        self.start_prev_action = allocate_shared("start_prev_action", (E, S), np.int64)
+        self.start_prev_reward = allocate_shared("start_prev_reward", (E, S), np.float32)
+        self.write_count = allocate_shared("write_count", (E,), np.int64)  # steps written per stream (by its writer)
         self.index = index
         if index:  # the sampling index is private to the process that samples
             # which sequence k a slot holds while it is sampleable; -1 otherwise
@@ -396,10 +402,10 @@ class SequenceReplayBuffer:
 
     @property
     def shared_arrays(self) -> tuple[str, ...]:
-        """Names of the arrays this buffer allocated through ``allocate`` (shared with writers)."""
-        if self.frames is None:
-            return self.SHARED_ARRAYS
-        return CompressedFrames.ARRAYS + self.SHARED_ARRAYS[1:]
+        """Names of the arrays this buffer allocated through ``allocate`` (shared with writers):
+        ``SHARED_ARRAYS`` without compression; with it, ``CompressedFrames.ARRAYS`` instead of obs.
+        ``shared[name]`` is the array."""
+        return tuple(self.shared)
 
     def state_dict(self) -> dict[str, np.ndarray | float | int | str | None]:
         """Contents and sampling index (priorities included), for a checkpoint. The arrays are

@@ -150,16 +150,9 @@ def test_the_first_windows_read_zero_history_and_fresh_frames_from_staging():
 
 def shared_pair(compression, margin, capacity=24, **kwargs):
     """A learner (index) and a writer without index that share the learner's arrays, as r2d2_mp.py's."""
-    shared = {}
-
-    def allocate(name, shape, dtype):
-        shared[name] = np.zeros(shape, dtype)
-        return shared[name]
-
-    learner = make(num_streams=1, capacity=capacity, compression=compression, overwrite_margin=margin,
-                   allocate=allocate, **kwargs)
+    learner = make(num_streams=1, capacity=capacity, compression=compression, overwrite_margin=margin, **kwargs)
     writer = make(num_streams=1, capacity=capacity, compression=compression, overwrite_margin=margin, index=False,
-                  allocate=lambda name, shape, dtype: shared[name], **kwargs)
+                  allocate=lambda name, shape, dtype: learner.shared[name], **kwargs)
     return learner, writer
 
 
@@ -200,12 +193,11 @@ class HookedCodec(FrameCodec):
 
     hook = None
 
-    def decompress(self, data, nbytes):
-        out = super().decompress(data, nbytes)
+    def decompress_into(self, data, out):
+        super().decompress_into(data, out)
         hook, self.hook = self.hook, None
         if hook is not None:
             hook()
-        return out
 
 
 def test_a_window_whose_bytes_the_arena_overwrites_during_the_read_is_dropped():
@@ -416,7 +408,8 @@ def test_shared_nbytes_is_what_is_allocated():
         return allocated[name]
 
     rb = SequenceReplayBuffer(**kwargs, allocate=record)
-    assert set(allocated) == set(rb.shared_arrays)
+    assert set(allocated) == set(rb.shared_arrays) == set(CompressedFrames.ARRAYS + rb.SHARED_ARRAYS[1:])
+    assert all(rb.shared[name] is allocated[name] for name in allocated)
     assert SequenceReplayBuffer.shared_nbytes(**kwargs) == sum(a.nbytes for a in allocated.values())
     frames = rb.frames
     assert allocated["obs_arena"].nbytes == 5 * 48 * 700
@@ -470,3 +463,24 @@ def test_default_chunk_length_divides_the_period():
 def test_bad_compression_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["zstd", "zstd:3", "lz4"])
+def test_codecs_are_lossless_and_refuse_bytes_that_are_no_chunk(name):
+    from r2d2_algo.frame_codec import ChunkError
+
+    codec = FrameCodec(name)
+    frames = random_frames(np.random.default_rng(14), 20)
+    data = codec.compress(frames)
+    assert len(data) <= codec.bound(frames.nbytes)
+    out = np.empty_like(frames)
+    codec.decompress_into(data, out)
+    np.testing.assert_array_equal(out, frames)
+    assert codec.decompress(data, frames.nbytes) == frames.tobytes()
+    noise = np.random.default_rng(15).integers(0, 256, 20 * 64, dtype=np.uint8)
+    assert len(codec.compress(noise)) <= codec.bound(noise.nbytes)
+    for bad in (data[: len(data) // 2], bytes(len(data)), noise[:300].tobytes()):
+        with pytest.raises(ChunkError):
+            codec.decompress_into(bad, out)
+    with pytest.raises(ChunkError):
+        codec.decompress_into(data, np.empty(frames.nbytes - 64, np.uint8))  # another size
