@@ -1,6 +1,6 @@
 """Compressed replay observations (issue #28), all measured in one run on this machine.
 
-    python benchmarks/bench_compression.py [--steps 3000] [--seconds 6] [--repeats 2]
+    python benchmarks/bench_compression.py [--steps 3000] [--seconds 8]
 
 1. codecs: bytes per 84 × 84 frame, compress and decompress µs per frame, of lz4 and zstd
    (levels 1 and 3) over chunks of K = 8, 16, 20, 32 consecutive frames, on frames of
@@ -14,13 +14,19 @@
 3. the paper's replay, 4 M observations: shared memory declared (``shared_nbytes``) for
    r2d2_mp.py's streams on 16 cores (15 actors × 64 envs) and for the paper's 256 actors;
 4. actors: --actor-processes processes, each r2d2_mp.EnvActor stepping 64 Pong envs (2 env splits,
-   its CPU network acting) and writing a replay of its own, compressed and not, in interleaved
-   rounds: SPS, the ratio, and the µs per step spent in ``replay.add``;
-5. sampling: batches/s at the paper batch (64 windows of 40 + 80 + 5 steps, 3 history frames),
-   compressed and not, from the same writes, with 1 and 2 threads (the index under a lock, the
-   reads outside it, as a multi-threaded prefetcher would), in interleaved rounds; CPU seconds
-   per batch, and the threads a 10-updates/s learner needs on 16 cores predicted from them.
+   its CPU network acting) that writes, in alternating --slice-second slices, to a replay of its
+   own compressed and to one uncompressed: SPS of each, per wall second and per CPU second of the
+   process (its env threads included), their ratios, and the µs per step spent in ``replay.add``;
+5. sampling: batches/s at the paper batch (64 windows of 40 + 80 + 5 steps, 3 history frames)
+   from the compressed and the uncompressed replay of part 2 (the same writes), with 1 and 2
+   threads (the index under a lock, the reads outside it, as a multi-threaded prefetcher would),
+   alternating between them in slices; batches per wall second and per CPU second of the
+   sampling threads, and the threads a 10-updates/s learner needs on 16 cores predicted from the
+   CPU seconds per batch.
 
+Comparisons alternate compressed and uncompressed in short slices inside one process because
+the machine may be shared: whatever else runs slows both alike. Per-CPU-second rates are the
+per-core figures; per-wall-second ones also count the time the threads waited for a core.
 Prints tables and writes JSON (--out).
 """
 
@@ -68,10 +74,10 @@ class Args:
     steps_per_stream: int = 4160
     """capacity per stream of the replays of parts 2 and 5 (steps; 4,160: the paper's 4 M over r2d2_mp.py's 960
     streams on 16 cores)"""
-    seconds: float = 6.0
-    """length of each actor and sampling measurement"""
-    repeats: int = 2
-    """interleaved rounds of the actor and sampling measurements (ratios: median over rounds)"""
+    seconds: float = 8.0
+    """time each actor and sampling measurement spends on each of compressed and uncompressed"""
+    slice_seconds: float = 0.25
+    """length of one slice of the alternation between compressed and uncompressed"""
     actor_envs: int = 64
     """envs per actor process"""
     actor_processes: tuple[int, ...] = (1, 2)
@@ -120,7 +126,10 @@ def codec_table(frames: np.ndarray) -> list[dict]:
     """Part 1 for one game's frames."""
     rows = []
     for name in ("lz4", "zstd:1", "zstd:3"):
-        codec = FrameCodec(name)
+        try:
+            codec = FrameCodec(name)
+        except ImportError:  # lz4 is optional
+            continue
         for K in (8, 16, 20, 32):
             chunks = [np.ascontiguousarray(frames[i : i + K]) for i in range(0, len(frames) - K + 1, K)]
             count = len(chunks) * K
@@ -161,8 +170,9 @@ def state_nbytes(state: dict) -> int:
     return sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
 
 
-def step_bytes(args: Args, frames: np.ndarray, first: np.ndarray) -> dict:
-    """Part 2 for one game: the replays filled past a wrap-around of the step ring."""
+def step_bytes(args: Args, frames: np.ndarray, first: np.ndarray):
+    """Part 2 for one game: the replays filled past a wrap-around of the step ring. Returns the
+    row and both replays (for part 5)."""
     C = args.steps_per_stream
     plain = SequenceReplayBuffer(**replay_kwargs(args, args.streams, args.streams * C, False))
     packed = SequenceReplayBuffer(**replay_kwargs(args, args.streams, args.streams * C, True))
@@ -177,7 +187,7 @@ def step_bytes(args: Args, frames: np.ndarray, first: np.ndarray) -> dict:
         a, b = plain.sample(8, np.random.default_rng(seed)), packed.sample(8, np.random.default_rng(seed))
         assert np.array_equal(a.obs, b.obs) and np.array_equal(a.sequence_ids, b.sequence_ids)
     staging = frames_store.staging.nbytes / capacity
-    return dict(obs_bytes_per_frame=obs_used, other_bytes_per_step=other, staging_bytes_per_step=staging,
+    return plain, packed, dict(obs_bytes_per_frame=obs_used, other_bytes_per_step=other, staging_bytes_per_step=staging,
                 used_bytes_per_step=obs_used + other + staging, allocated_bytes_per_step=packed_bytes / capacity,
                 uncompressed_bytes_per_step=plain_bytes / capacity,
                 sampleable_fraction=packed.sampleable_fraction(),
@@ -198,9 +208,10 @@ def paper_replay(args: Args) -> dict:
 
 
 # ---------------------------------------------------------------------- actors
-def _actor_worker(compressed: bool, args_dict: dict, processes: int, seconds: float, seed: int, result_queue):
-    """r2d2_mp.EnvActor on ``actor_envs`` Pong envs (2 splits), CPU network, one torch thread; its
-    own paper-configured replay (500 steps per stream, pages touched before timing)."""
+def _actor_worker(args_dict: dict, processes: int, seed: int, result_queue):
+    """r2d2_mp.EnvActor on ``actor_envs`` Pong envs (2 splits), CPU network, one torch thread,
+    writing to two paper-configured replays of its own (500 steps per stream, pages touched
+    before timing), compressed and uncompressed, in alternating slices."""
     import torch
 
     from r2d2_algo.envs import check_env_id, default_env_threads, make_vector_env
@@ -214,80 +225,116 @@ def _actor_worker(compressed: bool, args_dict: dict, processes: int, seconds: fl
     envs = make_vector_env(env_id, E, seed, num_splits=2, num_threads=default_env_threads(processes),
                            thread_niceness=10)  # as r2d2_mp.py's actors
     net = RNNQNetwork(observation_space, n_actions)
-    replay = SequenceReplayBuffer(**replay_kwargs(args, E, E * 500, compressed), index=False)
-    for array in replay.shared.values():  # steady state: no first-touch page faults while timed
-        array.fill(0)
-    add_seconds = [0.0]
-    add = replay.add
+    replays, add_seconds = {}, {}
+    for compressed in (False, True):
+        replay = SequenceReplayBuffer(**replay_kwargs(args, E, E * 500, compressed), index=False)
+        for array in replay.shared.values():  # steady state: no first-touch page faults while timed
+            array.fill(0)
 
-    def timed_add(*a, **k):
-        t0 = time.perf_counter()
-        add(*a, **k)
-        add_seconds[0] += time.perf_counter() - t0
+        def timed_add(*a, _add=replay.add, _compressed=compressed, **k):
+            t0 = time.perf_counter()
+            _add(*a, **k)
+            add_seconds[_compressed] += time.perf_counter() - t0
 
-    replay.add = timed_add
-    actor = EnvActor(envs, net, replay, np.full(E, 0.01), np.random.default_rng(seed), seed)
-    start, t0 = time.time(), None
-    while True:
-        now = time.time()
-        if t0 is None and now - start > 2.0:  # warm-up
-            t0, steps0, add0, cpu0 = now, actor.env_steps, add_seconds[0], time.process_time()
-        if t0 is not None and now - t0 >= seconds:
-            break
+        replay.add = timed_add
+        replays[compressed], add_seconds[compressed] = replay, 0.0
+    actor = EnvActor(envs, net, replays[False], np.full(E, 0.01), np.random.default_rng(seed), seed)
+    totals = {c: dict(steps=0, wall=0.0, cpu=0.0) for c in (False, True)}
+    warmup_end = time.time() + 2.0
+    while time.time() < warmup_end:
         actor.step()
-    steps = actor.env_steps - steps0
-    result_queue.put(dict(sps=steps / (now - t0), add_us_per_step=1e6 * (add_seconds[0] - add0) / max(steps, 1),
-                          cpu_seconds=time.process_time() - cpu0, steps=steps))
+    add_seconds.update({False: 0.0, True: 0.0})
+    slices = 2 * max(1, round(args.seconds / args.slice_seconds))
+    for i in range(slices):
+        compressed = bool(i % 2) != bool(seed % 2)  # processes start on opposite sides
+        actor.replay = replays[compressed]
+        steps0, t0, cpu0 = actor.env_steps, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < args.slice_seconds:
+            actor.step()
+        total = totals[compressed]
+        total["steps"] += actor.env_steps - steps0
+        total["wall"] += time.perf_counter() - t0
+        total["cpu"] += time.process_time() - cpu0  # the process: its env threads included
+    result_queue.put({c: dict(**totals[c], add_seconds=add_seconds[c]) for c in (False, True)})
     envs.close()
 
 
-def actor_round(args: Args, processes: int, compressed: bool, seed: int) -> dict:
+def actor_rates(args: Args, processes: int) -> dict:
+    """Part 4 for ``processes`` actor processes running at once."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    workers = [ctx.Process(target=_actor_worker, args=(compressed, asdict(args), processes, args.seconds,
-                                                         seed + i, q)) for i in range(processes)]
+    workers = [ctx.Process(target=_actor_worker, args=(asdict(args), processes, 1000 + i, q))
+               for i in range(processes)]
     for w in workers:
         w.start()
-    results = [q.get(timeout=args.seconds + 300) for _ in workers]
+    results = [q.get(timeout=2 * args.seconds + 300) for _ in workers]
     for w in workers:
         w.join()
-    return dict(sps=sum(r["sps"] for r in results), add_us_per_step=float(np.mean([r["add_us_per_step"]
-                                                                                   for r in results])),
-                sps_per_cpu_second=sum(r["steps"] for r in results) / sum(r["cpu_seconds"] for r in results))
+    out = {}
+    for compressed in (False, True):
+        rs = [r[compressed] for r in results]
+        steps = sum(r["steps"] for r in rs)
+        out["compressed" if compressed else "uncompressed"] = dict(
+            sps=sum(r["steps"] / r["wall"] for r in rs), sps_per_cpu_second=steps / sum(r["cpu"] for r in rs),
+            add_us_per_step=1e6 * sum(r["add_seconds"] for r in rs) / max(steps, 1), steps=steps)
+    c, u = out["compressed"], out["uncompressed"]
+    out["sps_ratio"] = c["sps"] / u["sps"]
+    out["sps_per_cpu_second_ratio"] = c["sps_per_cpu_second"] / u["sps_per_cpu_second"]
+    # what the add's extra time alone would cost a process stepping at the uncompressed rate
+    step_us = 1e6 * processes / u["sps"]
+    out["sps_ratio_from_add_time"] = step_us / (step_us + c["add_us_per_step"] - u["add_us_per_step"])
+    return out
 
 
 # ---------------------------------------------------------------------- sampling
-def sampling_rate(replay: SequenceReplayBuffer, threads: int, seconds: float, seed: int) -> dict:
-    """Batches/s of ``threads`` threads that each draw under one lock and read outside it."""
+def sampling_rates(replays: dict, threads: int, args: Args, seed: int) -> dict:
+    """Batches/s of ``threads`` threads that each draw under one lock and read outside it, from
+    replays[False] (uncompressed) and replays[True] (compressed) in alternating slices."""
     lock = threading.Lock()
-    counts, cpu = [0] * threads, [0.0] * threads
-    replay.sample(BATCH, np.random.default_rng(seed))  # warm-up
-    deadline = time.perf_counter() + seconds
+    totals = {c: dict(batches=0, wall=0.0, cpu=0.0) for c in (False, True)}
+    rngs = [np.random.default_rng(seed + i) for i in range(threads)]
+    for replay in replays.values():
+        replay.sample(BATCH, np.random.default_rng(seed))  # warm-up
 
-    def work(i):
-        rng, t0 = np.random.default_rng(seed + i), time.thread_time()
+    def work(i, replay, deadline, counts, cpu):
+        t0 = time.thread_time()
         while time.perf_counter() < deadline:
             with lock:
-                draw = replay.draw(BATCH, rng)
+                draw = replay.draw(BATCH, rngs[i])
             replay.read(draw)
             counts[i] += 1
         cpu[i] = time.thread_time() - t0
 
-    t0 = time.perf_counter()
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - t0
-    return dict(batches_per_second=sum(counts) / wall, cpu_seconds_per_batch=sum(cpu) / max(sum(counts), 1))
+    slices = 2 * max(1, round(args.seconds / args.slice_seconds))
+    for k in range(slices):
+        compressed = bool(k % 2)
+        counts, cpu = [0] * threads, [0.0] * threads
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=work, args=(i, replays[compressed], t0 + args.slice_seconds, counts, cpu))
+                   for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        total = totals[compressed]
+        total["batches"] += sum(counts)
+        total["wall"] += time.perf_counter() - t0
+        total["cpu"] += sum(cpu)
+    out = {}
+    for compressed in (False, True):
+        t = totals[compressed]
+        cpu_per_batch = t["cpu"] / max(t["batches"], 1)
+        out["compressed" if compressed else "uncompressed"] = dict(
+            batches_per_second=t["batches"] / t["wall"], batches_per_cpu_second=1 / cpu_per_batch,
+            cpu_seconds_per_batch=cpu_per_batch, batches=t["batches"],
+            threads_for_10_updates_per_second=math.ceil(10 * cpu_per_batch))  # one batch per update
+    c, u = out["compressed"], out["uncompressed"]
+    out["ratio"] = c["batches_per_second"] / u["batches_per_second"]
+    out["per_cpu_second_ratio"] = c["batches_per_cpu_second"] / u["batches_per_cpu_second"]
+    return out
 
 
 # ---------------------------------------------------------------------- report
-def _median(values):
-    return float(np.median(values))
-
-
 def main(args: Args) -> None:
     started = time.time()
     results = dict(args=asdict(args), machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
@@ -312,13 +359,17 @@ def main(args: Args) -> None:
             print(f"    {name:7s} {cells}", flush=True)
 
     # 2. bytes per stored step
-    results["step_bytes"] = {}
+    results["step_bytes"], sample_replays = {}, {}
     print(f"\n2. bytes per stored step, all arrays ({args.streams} streams × {args.steps_per_stream} steps, paper "
           f"sequences, stored state {STATE_SIZE} floats)")
     print(f"  {'game':24s} {'obs B/frame':>11s} {'other B/step':>12s} {'staging':>8s} {'used':>6s} {'allocated':>9s} "
           f"{'uncompressed':>12s} {'checkpoint MB':>14s} {'uncompr. MB':>11s}")
     for game in args.games:
-        r = results["step_bytes"][game] = step_bytes(args, *frames[game])
+        plain, packed, r = step_bytes(args, *frames[game])
+        results["step_bytes"][game] = r
+        if game in args.sample_games:
+            sample_replays[game] = {False: plain, True: packed}
+        del plain, packed
         print(f"  {game:24s} {r['obs_bytes_per_frame']:11.0f} {r['other_bytes_per_step']:12.0f} "
               f"{r['staging_bytes_per_step']:8.0f} {r['used_bytes_per_step']:6.0f} {r['allocated_bytes_per_step']:9.0f} "
               f"{r['uncompressed_bytes_per_step']:12.0f} {r['checkpoint_bytes'] / 1e6:14.1f} "
@@ -331,65 +382,36 @@ def main(args: Args) -> None:
         print(f"  {label:30s} uncompressed {r['uncompressed_bytes'] / 1e9:5.1f} GB, compressed "
               f"{r['compressed_bytes'] / 1e9:5.2f} GB ({r['compressed_bytes_per_step']:.0f} B per step)", flush=True)
 
+    # 5. sampling (before the actors: it needs part 2's replays, freed after it)
+    results["sampling"] = {}
+    lines = [f"\n5. sampling: batches at the paper batch ({BATCH} × (40 + 80 + 5) steps + 3 history frames), "
+             f"uncompressed → compressed, alternating {args.slice_seconds} s slices, {args.seconds:.0f} s each"]
+    for game in args.sample_games:
+        results["sampling"][game] = {}
+        for threads in args.sample_threads:
+            r = results["sampling"][game][str(threads)] = sampling_rates(sample_replays[game], threads, args, 7)
+            u, c = r["uncompressed"], r["compressed"]
+            lines.append(f"  {game:24s} {threads} thread{'s' if threads > 1 else ' '}: per wall second "
+                         f"{u['batches_per_second']:5.1f} → {c['batches_per_second']:5.1f} (ratio {r['ratio']:.2f}); "
+                         f"per CPU second {u['batches_per_cpu_second']:5.1f} → {c['batches_per_cpu_second']:5.1f} (ratio "
+                         f"{r['per_cpu_second_ratio']:.2f}); threads for 10 updates/s "
+                         f"{u['threads_for_10_updates_per_second']} → {c['threads_for_10_updates_per_second']}")
+            print(lines[-1], flush=True)
+        del sample_replays[game]
+
     # 4. actors
     results["actors"] = {}
-    print(f"\n4. actors: r2d2_mp.EnvActor, {args.actor_envs} Pong envs each, replay written compressed or not "
-          f"({args.repeats} interleaved rounds of {args.seconds:.0f} s)")
+    print(f"\n4. actors: r2d2_mp.EnvActor, {args.actor_envs} Pong envs per process, writing uncompressed → compressed "
+          f"in alternating {args.slice_seconds} s slices, {args.seconds:.0f} s each")
     for processes in args.actor_processes:
-        rounds = []
-        for repeat in range(args.repeats):
-            row = {}
-            for compressed in ((False, True) if repeat % 2 == 0 else (True, False)):
-                row["compressed" if compressed else "uncompressed"] = actor_round(args, processes, compressed,
-                                                                                  100 * repeat)
-            row["sps_ratio"] = row["compressed"]["sps"] / row["uncompressed"]["sps"]
-            rounds.append(row)
-        summary = dict(rounds=rounds, sps_ratio=_median([r["sps_ratio"] for r in rounds]),
-                       sps_uncompressed=_median([r["uncompressed"]["sps"] for r in rounds]),
-                       sps_compressed=_median([r["compressed"]["sps"] for r in rounds]),
-                       add_us_per_step_uncompressed=_median([r["uncompressed"]["add_us_per_step"] for r in rounds]),
-                       add_us_per_step_compressed=_median([r["compressed"]["add_us_per_step"] for r in rounds]))
-        results["actors"][str(processes)] = summary
-        print(f"  {processes} process{'es' if processes > 1 else ''}: SPS {summary['sps_uncompressed']:.0f} → "
-              f"{summary['sps_compressed']:.0f} compressed (ratio {summary['sps_ratio']:.3f}, rounds "
-              f"{', '.join('%.3f' % r['sps_ratio'] for r in rounds)}); replay.add {summary['add_us_per_step_uncompressed']:.1f} → "
-              f"{summary['add_us_per_step_compressed']:.1f} µs per step", flush=True)
-
-    # 5. sampling
-    results["sampling"] = {}
-    print(f"\n5. sampling: batches/s at the paper batch ({BATCH} × (40 + 80 + 5) steps + 3 history frames), "
-          f"{args.repeats} interleaved rounds of {args.seconds:.0f} s")
-    for game in args.sample_games:
-        C = args.steps_per_stream
-        plain = SequenceReplayBuffer(**replay_kwargs(args, args.streams, args.streams * C, False))
-        packed = SequenceReplayBuffer(**replay_kwargs(args, args.streams, args.streams * C, True))
-        fill([plain, packed], *frames[game], C + C // 2)
-        per_game = {}
-        for threads in args.sample_threads:
-            rounds = []
-            for repeat in range(args.repeats):
-                row = {}
-                for compressed in ((False, True) if repeat % 2 == 0 else (True, False)):
-                    row["compressed" if compressed else "uncompressed"] = sampling_rate(
-                        packed if compressed else plain, threads, args.seconds, 1000 * repeat)
-                row["ratio"] = row["compressed"]["batches_per_second"] / row["uncompressed"]["batches_per_second"]
-                rounds.append(row)
-            summary = dict(rounds=rounds, ratio=_median([r["ratio"] for r in rounds]),
-                           **{f"{kind}_{key}": _median([r[kind][key] for r in rounds])
-                              for kind in ("uncompressed", "compressed")
-                              for key in ("batches_per_second", "cpu_seconds_per_batch")})
-            for kind in ("uncompressed", "compressed"):  # a 10-updates/s learner, one batch per update
-                summary[f"{kind}_threads_for_10_updates_per_second"] = math.ceil(
-                    10 * summary[f"{kind}_cpu_seconds_per_batch"])
-            per_game[str(threads)] = summary
-            print(f"  {game:24s} {threads} thread{'s' if threads > 1 else ' '}: {summary['uncompressed_batches_per_second']:5.1f} → "
-                  f"{summary['compressed_batches_per_second']:5.1f} batches/s compressed (ratio {summary['ratio']:.2f}); "
-                  f"CPU s per batch {summary['uncompressed_cpu_seconds_per_batch']:.3f} → "
-                  f"{summary['compressed_cpu_seconds_per_batch']:.3f}: threads for 10 updates/s "
-                  f"{summary['uncompressed_threads_for_10_updates_per_second']} → "
-                  f"{summary['compressed_threads_for_10_updates_per_second']}", flush=True)
-        results["sampling"][game] = per_game
-        del plain, packed
+        r = results["actors"][str(processes)] = actor_rates(args, processes)
+        u, c = r["uncompressed"], r["compressed"]
+        print(f"  {processes} process{'es' if processes > 1 else ''}: SPS {u['sps']:.0f} → {c['sps']:.0f} (ratio "
+              f"{r['sps_ratio']:.3f}); per CPU second {u['sps_per_cpu_second']:.0f} → {c['sps_per_cpu_second']:.0f} "
+              f"(ratio {r['sps_per_cpu_second_ratio']:.3f}); replay.add {u['add_us_per_step']:.1f} → "
+              f"{c['add_us_per_step']:.1f} µs per step (ratio implied by it {r['sps_ratio_from_add_time']:.3f})",
+              flush=True)
+    print("\n".join(lines))
 
     results["seconds"] = time.time() - started
     out = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
