@@ -386,6 +386,7 @@ def main(args: Args) -> None:
     results["sampling"] = {}
     lines = [f"\n5. sampling: batches at the paper batch ({BATCH} × (40 + 80 + 5) steps + 3 history frames), "
              f"uncompressed → compressed, alternating {args.slice_seconds} s slices, {args.seconds:.0f} s each"]
+    print(lines[0], flush=True)
     for game in args.sample_games:
         results["sampling"][game] = {}
         for threads in args.sample_threads:
