@@ -488,3 +488,97 @@ def test_codecs_are_lossless_and_refuse_bytes_that_are_no_chunk(name):
             codec.decompress_into(bad, out)
     with pytest.raises(ChunkError):
         codec.decompress_into(data, np.empty(frames.nbytes - 64, np.uint8))  # another size
+
+
+# ---------------------------------------------------------------- writer processes, reading threads
+def process_frame(seed, stream, step):
+    """Deterministic frame of step ``step`` of a stream: the sampler regenerates it. Some noise, so
+    that the byte ring fills unevenly."""
+    rng = np.random.default_rng([seed, stream, step])
+    return random_frames(rng, 1, noisy=0.15)[0]
+
+
+def compressed_writer_process(layout, replay_kwargs, streams, num_steps, seed):
+    import time
+
+    from r2d2_algo.shared import SharedArrays
+
+    arrays = SharedArrays.attach(layout)
+    replay = SequenceReplayBuffer(**replay_kwargs, index=False, allocate=arrays.get)
+    K = len(streams)
+    for step in range(num_steps):
+        frames = np.stack([process_frame(seed, e, step) for e in streams])
+        replay.add(np.repeat(frames[:, None], 4, axis=1), np.full(K, step % 7), np.zeros(K, np.float32),
+                   np.full(K, step == 0), np.zeros(K, bool), np.zeros(K, bool), np.zeros((K, 2), np.float32),
+                   streams=np.asarray(streams))
+        if step % 8 == 0:
+            time.sleep(0.001)  # let the sampler interleave with the writers throughout
+    arrays.close()
+
+
+def test_writer_processes_and_reading_threads_in_shared_memory():
+    """Two writer processes fill a compressed replay in shared memory (r2d2_mp.py's SharedArrays)
+    whose byte ring is too small for its step ring, while two threads of this process draw under a
+    lock and read outside it: every window returned holds the frames written; windows overwritten
+    while read come back with weight 0; the declared size is what was allocated."""
+    import multiprocessing
+    import time
+
+    from r2d2_algo.shared import SharedArrays
+
+    kwargs = dict(num_streams=4, capacity=4 * 64, obs_shape=(4, *FRAME), obs_dtype=np.uint8, state_size=2,
+                  burn_in_length=L, sequence_length=M, n_step=N, overlap=OVERLAP, frame_stack=4, overwrite_margin=2,
+                  obs_compression="zstd", compressed_bytes_per_frame=24)
+    arrays = SharedArrays()
+    try:
+        learner = SequenceReplayBuffer(**kwargs, index=True, allocate=arrays.allocate)
+        assert sum(a.nbytes for a in learner.shared.values()) == SequenceReplayBuffer.shared_nbytes(**kwargs)
+        ctx = multiprocessing.get_context("spawn")
+        num_steps = 2000
+        writers = [ctx.Process(target=compressed_writer_process, args=(arrays.layout, kwargs, pair, num_steps, 7))
+                   for pair in ([0, 1], [2, 3])]
+        for p in writers:
+            p.start()
+        lock, checked, dropped, errors = threading.Lock(), [0], [0], []
+
+        def reader(seed):
+            rng = np.random.default_rng(seed)
+            try:
+                while any(p.is_alive() for p in writers) or checked[0] == 0:
+                    with lock:
+                        learner.sync()
+                        draw = learner.draw(8, rng) if learner.num_valid_sequences else None
+                    if draw is None:
+                        time.sleep(0.001)
+                        continue
+                    batch = learner.read(draw)
+                    streams = batch.indices // learner.slots_per_stream
+                    for b in range(8):
+                        if batch.sequence_ids[b] < 0:
+                            assert batch.weights[b] == 0
+                            dropped[0] += 1
+                            continue
+                        start = batch.sequence_ids[b] * learner.period - learner.history_length
+                        for t in range(learner.history_length + learner.window_length):
+                            expected = process_frame(7, streams[b], start + t) if start + t >= 0 else 0
+                            np.testing.assert_array_equal(batch.obs[t, b], expected)
+                        checked[0] += 1
+            except BaseException as e:  # handed to the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in writers:
+            p.join()
+            assert p.exitcode == 0
+        if errors:
+            raise errors[0]
+        assert checked[0] > 200
+        assert learner.write_count.tolist() == [num_steps] * 4
+        assert learner.sampleable_fraction() < 0.9  # the byte ring, not the step ring, limits what is held
+    finally:
+        arrays.close()
+        arrays.unlink()
