@@ -27,6 +27,14 @@ Layout (docs/algorithm.md, pieces 1, 4 and 6; Kapturowski et al. 2019, Sec. 2.3 
   stacks are rebuilt at sampling time, with zero frames before an episode start. A window
   then also needs the frame_stack − 1 frames before it, and it stops being sampleable as
   soon as the first of those is overwritten.
+- Image observations can also be stored compressed (``obs_compression``, issue #28): the
+  stored frames of each stream in chunks of K consecutive frames, compressed by the stream's
+  writer once a chunk is complete, into a per-stream byte ring of a declared size (a budget in
+  bytes per frame), and decompressed at sampling time, each chunk a batch needs once. The frames
+  of the chunk not complete yet stay raw in a small staging ring, so the same windows are
+  sampleable as without compression, and a sample is the same, bit for bit; a window whose
+  first chunk the byte ring has overwritten (data that compress worse than the budget) stops
+  being sampleable as if its first step had been overwritten. Layout: r2d2_algo/frame_codec.py.
 
 Gymnasium's NEXT_STEP autoreset produces exactly this stream: the step after a final
 observation returns the reset observation with reward 0, and the action taken from the final
@@ -39,6 +47,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from r2d2_algo.frame_codec import CompressedFrames, FrameCodec, frames_per_chunk_for
 
 
 def later_state_offsets(burn_in_length: int, sequence_length: int, overlap: int) -> tuple[int, ...]:
@@ -170,6 +180,20 @@ class SequenceBatch:
     later_state_offsets: np.ndarray | None = None
 
 
+@dataclass
+class WindowDraw:
+    """The windows ``SequenceReplayBuffer.draw`` picked, for ``read``: all (B,).
+
+    indices: int64 leaf indices; sequence_ids: int64 sequence k of each window's stream;
+    weights: float32 importance weights; probabilities: float64 sampling probabilities.
+    """
+
+    indices: np.ndarray
+    sequence_ids: np.ndarray
+    weights: np.ndarray
+    probabilities: np.ndarray
+
+
 def stack_frames(frames, frame_first, frame_stack: int):
     """Rebuild frame stacks from single frames, zeroing frames before an episode start.
 
@@ -236,9 +260,17 @@ class SequenceReplayBuffer:
             and for the learner; False for an actor that only writes steps (r2d2_mp.py).
         allocate: ``allocate(name, shape, dtype) -> ndarray`` used for every array that
             writers and the learner share (a shared-memory allocator in r2d2_mp.py).
+        obs_compression: None to store observations raw; a codec (``frame_codec.CODECS``:
+            "zstd", "zstd:LEVEL", "lz4") to store the stored frames compressed, in chunks of
+            ``frames_per_chunk`` frames of a stream (0: the largest divisor of the period that
+            is ≤ 32; paper: 20).
+        compressed_bytes_per_frame: with compression, the byte ring's budget: each stream's
+            ring holds capacity_per_stream × this many bytes (measured on Atari with zstd: 40–200
+            bytes per 84 × 84 frame, 7,056 raw).
     Raises:
         ValueError: a negative or zero length, an overlap outside [0, sequence_length), a
-            per-stream capacity smaller than one window, exponents out of range.
+            per-stream capacity smaller than one window, exponents out of range, an unknown
+            codec, a byte ring too small for one chunk.
     """
 
     PRIORITY_EPSILON = 1e-6  # keeps every stored sequence sampleable (PER, Sec. 3.3)
@@ -260,6 +292,9 @@ class SequenceReplayBuffer:
         overwrite_margin: int = 0,
         index: bool = True,
         allocate: Callable[[str, tuple[int, ...], object], np.ndarray] = numpy_zeros,
+        obs_compression: str | None = None,
+        compressed_bytes_per_frame: int = 768,
+        frames_per_chunk: int = 0,
     ):
         if num_streams < 1:
             raise ValueError(f"num_streams must be >= 1, got {num_streams}")
@@ -306,25 +341,44 @@ class SequenceReplayBuffer:
         self.obs_shape = tuple(obs_shape)
         self.state_size = state_size
 
+        self.shared: dict[str, np.ndarray] = {}  # every array allocated through ``allocate``, by name
+
+        def allocate_shared(name, shape, dtype):
+            self.shared[name] = allocate(name, shape, dtype)
+            return self.shared[name]
+
         E, C = num_streams, self.capacity_per_stream
         self.slots_per_stream = C // self.period
         S = self.slots_per_stream
         self.stored_obs_shape = self.obs_shape[1:] if frame_stack > 1 else self.obs_shape
-        self.obs = allocate("obs", (E, C, *self.stored_obs_shape), obs_dtype)
-        self.action = allocate("action", (E, C), np.int64)
-        self.reward = allocate("reward", (E, C), np.float32)
-        self.first = allocate("first", (E, C), np.bool_)
-        self.terminated = allocate("terminated", (E, C), np.bool_)
-        self.truncated = allocate("truncated", (E, C), np.bool_)
-        self.stored_state = allocate("stored_state", (E, S, state_size), np.float32)
-        self.start_prev_action = allocate("start_prev_action", (E, S), np.int64)
-        self.start_prev_reward = allocate("start_prev_reward", (E, S), np.float32)
-        self.write_count = allocate("write_count", (E,), np.int64)  # steps written per stream (by its writer)
+        self.obs_compression = obs_compression
+        if obs_compression is None:
+            self.obs = allocate_shared("obs", (E, C, *self.stored_obs_shape), obs_dtype)
+            self.frames = None
+        else:  # step i's frame is frame i + h of its stream (frame_codec.py): a window begins a chunk
+            self.obs = None
+            self.frames = CompressedFrames(E, C, self.stored_obs_shape, obs_dtype, FrameCodec(obs_compression),
+                                           frames_per_chunk or frames_per_chunk_for(self.period),
+                                           compressed_bytes_per_frame, overwrite_margin, self.history_length,
+                                           allocate_shared)
+            # a window stops being sampleable this many bytes before its first chunk is overwritten
+            self.arena_margin = overwrite_margin * compressed_bytes_per_frame
+        self.action = allocate_shared("action", (E, C), np.int64)
+        self.reward = allocate_shared("reward", (E, C), np.float32)
+        self.first = allocate_shared("first", (E, C), np.bool_)
+        self.terminated = allocate_shared("terminated", (E, C), np.bool_)
+        self.truncated = allocate_shared("truncated", (E, C), np.bool_)
+        self.stored_state = allocate_shared("stored_state", (E, S, state_size), np.float32)
+        self.start_prev_action = allocate_shared("start_prev_action", (E, S), np.int64)
+        self.start_prev_reward = allocate_shared("start_prev_reward", (E, S), np.float32)
+        self.write_count = allocate_shared("write_count", (E,), np.int64)  # steps written per stream (by its writer)
         self.index = index
         if index:  # the sampling index is private to the process that samples
             # which sequence k a slot holds while it is sampleable; -1 otherwise
             self.sequence_id = np.full((E, S), -1, dtype=np.int64)
             self.indexed_count = np.zeros(E, dtype=np.int64)  # write_count the index reflects
+            if self.frames is not None:  # the oldest frame still readable when the index was synced
+                self.indexed_oldest_frame = np.zeros(E, dtype=np.int64)
             self.tree = SumTree(E * S)
             self.max_priority = 1.0
             self.num_sequences_added = 0
@@ -344,24 +398,47 @@ class SequenceReplayBuffer:
 
     # ------------------------------------------------------------------ checkpoints
     SHARED_ARRAYS = ("obs", "action", "reward", "first", "terminated", "truncated", "stored_state",
-                     "start_prev_action", "start_prev_reward", "write_count")
+                     "start_prev_action", "start_prev_reward", "write_count")  # without compression
 
-    def state_dict(self) -> dict[str, np.ndarray | float | int]:
+    @property
+    def shared_arrays(self) -> tuple[str, ...]:
+        """Names of the arrays this buffer allocated through ``allocate`` (shared with writers):
+        ``SHARED_ARRAYS`` without compression; with it, ``CompressedFrames.ARRAYS`` instead of obs.
+        ``shared[name]`` is the array."""
+        return tuple(self.shared)
+
+    def state_dict(self) -> dict[str, np.ndarray | float | int | str | None]:
         """Contents and sampling index (priorities included), for a checkpoint. The arrays are
-        the buffer's own (no copy): save them before writing again."""
-        state = {name: getattr(self, name) for name in self.SHARED_ARRAYS}
+        the buffer's own (no copy): save them before writing again. With compression, the
+        observations are the compressed bytes in use (``CompressedFrames.state_dict``, copies):
+        a checkpoint shrinks as the replay does."""
+        state = {name: getattr(self, name) for name in self.SHARED_ARRAYS[1:]}
+        state["obs_compression"] = self.obs_compression
+        if self.frames is None:
+            state["obs"] = self.obs
+        else:
+            state.update(self.frames.state_dict(self.write_count + self.history_length, self.capacity_per_stream))
         if self.index:
             state.update(sequence_id=self.sequence_id, indexed_count=self.indexed_count, tree=self.tree.nodes,
                          max_priority=self.max_priority, num_sequences_added=self.num_sequences_added)
+            if self.frames is not None:
+                state["indexed_oldest_frame"] = self.indexed_oldest_frame
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy a ``state_dict`` into this buffer (same constructor arguments).
+        """Copy a ``state_dict`` into this buffer (same constructor arguments, compression included).
 
         Raises:
-            ValueError: an array is missing or has another shape (a buffer of other arguments).
+            ValueError: an array is missing or has another shape (a buffer of other arguments),
+                or the state was saved with other observation compression.
         """
-        names = self.SHARED_ARRAYS + (("sequence_id", "indexed_count") if self.index else ())
+        saved_compression = state.get("obs_compression", None)
+        if (saved_compression is None) != (self.obs_compression is None):
+            raise ValueError(f"replay was saved with observation compression {saved_compression or 'none'}, "
+                             f"this buffer uses {self.obs_compression or 'none'}")
+        names = self.SHARED_ARRAYS[1 if self.frames is not None else 0 :]
+        names += (("sequence_id", "indexed_count") if self.index else ())
+        names += (("indexed_oldest_frame",) if self.index and self.frames is not None else ())
         for name in names:
             target, source = getattr(self, name), state.get(name)
             if source is None or tuple(np.shape(source)) != target.shape:
@@ -374,6 +451,8 @@ class SequenceReplayBuffer:
             self.tree.nodes[...] = state["tree"]
             self.max_priority = float(state["max_priority"])
             self.num_sequences_added = int(state["num_sequences_added"])
+        if self.frames is not None:
+            self.frames.load_state_dict(state, self.write_count + self.history_length)
 
     def cut_streams(self, streams: np.ndarray | None = None) -> None:
         """Mark the last step written to each stream (default: all) as truncated (a time-limit
@@ -434,7 +513,11 @@ class SequenceReplayBuffer:
             self.start_prev_action[s_streams, slot] = np.where(has_prev, self.action[s_streams, prev_pos], -1)
             self.start_prev_reward[s_streams, slot] = np.where(has_prev, self.reward[s_streams, prev_pos], 0.0)
 
-        self.obs[streams, pos] = obs[:, -1] if self.frame_stack > 1 else obs
+        stored = obs[:, -1] if self.frame_stack > 1 else obs
+        if self.frames is None:
+            self.obs[streams, pos] = stored
+        else:  # compresses the chunks this step completes
+            self.frames.write(streams, step + self.history_length, np.asarray(stored))
         self.action[streams, pos] = action
         self.reward[streams, pos] = reward
         self.first[streams, pos] = first
@@ -444,14 +527,26 @@ class SequenceReplayBuffer:
         if self.index:
             self.sync(streams)
 
-    def sampleable_range(self, written: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sampleable_range(self, written: np.ndarray, oldest_frame: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
         """Sequences k_lo <= k <= k_hi are sampleable when a stream has ``written`` steps:
         whole window written (kP + W <= written) and its first needed step, window start −
-        history, more than ``overwrite_margin`` steps away from being overwritten."""
+        history, more than ``overwrite_margin`` steps away from being overwritten; with
+        compression also its first frame, kP, at or after ``oldest_frame`` (the first frame the
+        byte ring still holds, ``overwrite_margin`` frames' budget ahead; None: now's)."""
         P, C = self.period, self.capacity_per_stream
         k_hi = (written - self.window_length) // P
         k_lo = -((-(written - C + self.history_length + self.overwrite_margin)) // P)  # ceil division
+        if self.frames is not None:
+            if oldest_frame is None:
+                oldest_frame = self.oldest_frame(np.arange(self.num_streams), written)
+            k_lo = np.maximum(k_lo, -(-oldest_frame // P))
         return np.maximum(k_lo, 0), k_hi
+
+    def oldest_frame(self, streams: np.ndarray, written: np.ndarray) -> np.ndarray:
+        """With compression, (K,) int64: the first frame (step + history length) of each stream
+        whose chunk the byte ring holds ``overwrite_margin`` frames' budget before overwriting it."""
+        return self.frames.oldest_intact_frame(streams, written + self.history_length, self.arena_margin)
 
     def sampleable_fraction(self) -> float:
         """Fraction of the observations held now that lie in at least one sampleable window.
@@ -469,8 +564,14 @@ class SequenceReplayBuffer:
         about to be overwritten leave (priority 0)."""
         streams = np.arange(self.num_streams) if streams is None else np.asarray(streams)
         written = self.write_count[streams].copy()
-        old_lo, old_hi = self.sampleable_range(self.indexed_count[streams])
-        new_lo, new_hi = self.sampleable_range(written)
+        if self.frames is None:
+            old_lo, old_hi = self.sampleable_range(self.indexed_count[streams])
+            new_lo, new_hi = self.sampleable_range(written)
+        else:  # the byte ring's oldest frame only moves on (read after the counts: a later one, if anything)
+            oldest = np.maximum(self.oldest_frame(streams, written), self.indexed_oldest_frame[streams])
+            old_lo, old_hi = self.sampleable_range(self.indexed_count[streams], self.indexed_oldest_frame[streams])
+            new_lo, new_hi = self.sampleable_range(written, oldest)
+            self.indexed_oldest_frame[streams] = oldest
         S = self.slots_per_stream
         leaves_out, leaves_in = [], []
         for e, o_lo, o_hi, n_lo, n_hi in zip(streams, old_lo, old_hi, new_lo, new_hi):
@@ -500,7 +601,19 @@ class SequenceReplayBuffer:
         return (start[:, None] + np.arange(self.history_length + self.window_length)) % self.capacity_per_stream
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> SequenceBatch:
-        """Draw ``batch_size`` windows with P(i) ∝ p_i^α by stratified sampling (PER, App. B.2.1).
+        """Draw ``batch_size`` windows with P(i) ∝ p_i^α by stratified sampling (PER, App. B.2.1)
+        and read them: ``read(draw(batch_size, rng))``.
+
+        Raises:
+            ValueError: batch_size < 1.
+            RuntimeError: no complete sequence is stored yet.
+        """
+        return self.read(self.draw(batch_size, rng))
+
+    def draw(self, batch_size: int, rng: np.random.Generator) -> WindowDraw:
+        """Pick ``batch_size`` windows with P(i) ∝ p_i^α by stratified sampling (PER, App. B.2.1),
+        with their importance weights; uses only the sampling index (fast: a sampler that reads
+        in several threads holds its lock only for this and ``sync``).
 
         Raises:
             ValueError: batch_size < 1.
@@ -517,9 +630,22 @@ class SequenceReplayBuffer:
         n = self.num_valid_sequences
         weights = (n * probabilities) ** (-self.importance_sampling_exponent)
         weights = (weights / weights.max()).astype(np.float32)
-
         streams, slots = np.divmod(leaves, self.slots_per_stream)
-        sequence_ids = self.sequence_id[streams, slots]
+        return WindowDraw(indices=leaves, sequence_ids=self.sequence_id[streams, slots], weights=weights,
+                          probabilities=probabilities)
+
+    def read(self, draw: WindowDraw) -> SequenceBatch:
+        """Copy the drawn windows out of the replay (decompressing their observations). Uses no
+        sampling index: several threads may read at once, and a buffer without index can read.
+        Windows that a writer in another process overwrote while they were read come back with
+        weight 0 and sequence id -1.
+
+        Raises:
+            RuntimeError: with compression, the bytes of a window that was not overwritten do
+                not decompress (corrupt replay memory).
+        """
+        leaves, sequence_ids, weights = draw.indices, draw.sequence_ids, draw.weights
+        streams, slots = np.divmod(leaves, self.slots_per_stream)
         h = self.history_length
         pos_ext = self.window_positions(streams, sequence_ids)  # (B, h + W), frame history first
         pos = pos_ext[:, h:]  # (B, W)
@@ -535,7 +661,11 @@ class SequenceReplayBuffer:
         prev_reward[1:] = np.where(first[1:], 0.0, reward[:-1])
         terminated = self.terminated[rows, pos].T
         truncated = self.truncated[rows, pos].T
-        obs = self.obs[rows, pos_ext]  # (B, h + W, *stored_obs_shape)
+        if self.frames is None:
+            obs = np.ascontiguousarray(np.swapaxes(self.obs[rows, pos_ext], 0, 1))  # (h + W, B, *stored_obs_shape)
+        else:  # window k's frames are [kP, kP + h + W), stored as steps kP − h ...
+            obs, receipt = self.frames.read(streams, sequence_ids * self.period, h + self.window_length,
+                                            self.write_count[streams] + h)
         frame_first = self.first[rows, pos_ext].T if h else None
         initial_state = self.stored_state[streams, slots]
         # the stored states of the sequences k + j starting inside the window: their slot is
@@ -548,12 +678,20 @@ class SequenceReplayBuffer:
         # nothing copied after the check can come from a later write. With n steps written, such
         # a writer may already be writing step n (its stored state first), over step n − capacity.
         in_progress = 1 if self.concurrent_writers else 0
-        intact = sequence_ids * self.period - h >= self.write_count[streams] + in_progress - self.capacity_per_stream
+        written_after = self.write_count[streams] + in_progress
+        intact = sequence_ids * self.period - h >= written_after - self.capacity_per_stream
+        if self.frames is not None:  # and its bytes: the byte ring's and the staging ring's
+            intact_bytes, failed = self.frames.intact(receipt, streams, written_after + h)
+            intact &= intact_bytes
+            if (failed & intact).any():
+                b = int(np.flatnonzero(failed & intact)[0])
+                raise RuntimeError(f"replay stream {streams[b]}: the compressed frames of sequence "
+                                   f"{sequence_ids[b]} do not decompress, though no writer overwrote them")
         if not intact.all():
             weights = np.where(intact, weights, 0.0).astype(np.float32)
             sequence_ids = np.where(intact, sequence_ids, -1)
         return SequenceBatch(
-            obs=np.ascontiguousarray(np.swapaxes(obs, 0, 1)),
+            obs=obs,
             action=action,
             reward=reward,
             first=first,
@@ -565,7 +703,7 @@ class SequenceReplayBuffer:
             weights=weights,
             indices=leaves,
             sequence_ids=sequence_ids,
-            probabilities=probabilities,
+            probabilities=draw.probabilities,
             frame_first=frame_first,
             later_states=later_states,
             later_state_offsets=offsets,
